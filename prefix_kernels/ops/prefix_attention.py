@@ -1,0 +1,57 @@
+"""`prefix_attention`: the public op (DESIGN.md "The op"). Validates, then hands off to one backend."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import backend_function, choose_backend
+from .validation import validate
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    prefix_index: torch.Tensor | None = None,
+    backend: str | None = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Attention of `q` over `[shared prefix keys] + [per-sequence keys]`, without copying the prefix.
+
+    Args:
+        q: `[B, Hq, L, D]` queries.
+        k, v: `[B, Hkv, S, D]` sequence keys and values (S may exceed L, e.g. a KV cache in decoding).
+        prefix_k, prefix_v: `[Hkv, P, D]` shared by every row, or `[T, Hkv, P, D]` with `prefix_index`.
+        causal: query i sees sequence key j iff j <= i + (S - L); every query sees every prefix key.
+        key_padding_mask: bool `[B, S]`, True = real token. The prefix is never masked.
+        scale: softmax scale, default `D ** -0.5`.
+        dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
+        prefix_index: int64 `[B]`, which of the T prefixes each row uses.
+        backend: "triton", "cuda", "cpu", "reference" or None (fastest available; the environment
+            variable PREFIX_KERNELS_BACKEND overrides the default).
+        deterministic: prefix gradients are summed over the batch in a fixed order (default). False lets
+            the triton backend use fp32 atomics, faster with few prefix blocks but not bitwise repeatable.
+
+    Returns:
+        `[B, Hq, L, D]` in the dtype of q.
+    """
+    validate(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+             dropout_p=dropout_p, prefix_index=prefix_index)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    name = choose_backend(backend, q.device)
+    if q.dtype == torch.float64 and name != "reference":
+        raise TypeError(f"float64 inputs are supported by the reference backend only, not {name!r}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, dropout_p=float(dropout_p),
+                  prefix_index=prefix_index)
+    if name != "reference":
+        kwargs["deterministic"] = deterministic
+    return backend_function(name)(q, k, v, prefix_k, prefix_v, **kwargs)
