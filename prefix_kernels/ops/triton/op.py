@@ -49,6 +49,12 @@ def _common_constexprs(q: torch.Tensor, Hkv: int, causal: bool, dropout_p: float
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    # wrap_triton makes the launch visible to torch.compile (under TRITON_INTERPRET=1 it hands back the plain
+    # kernel, so compiling a model is a GPU-only feature; eager runs everywhere).
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _buckets(L: int, S: int) -> tuple[int, int]:
     return triton.next_power_of_2(L), triton.next_power_of_2(max(S, 1))
 
@@ -71,7 +77,8 @@ def triton_fwd(
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
 
-    wrap_triton(prefix_attn_fwd)[grid](
+    _launch(
+        prefix_attn_fwd, grid,
         q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(out), *kpm_strides,
@@ -113,13 +120,15 @@ def triton_bwd(
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block = 16 if interpreting() else 64
-    wrap_triton(prefix_attn_bwd_preprocess)[(triton.cdiv(L, pre_block), B * Hq)](
+    _launch(
+        prefix_attn_bwd_preprocess, (triton.cdiv(L, pre_block), B * Hq),
         out, grad_out, delta, *_strides(out), *_strides(grad_out), Hq, L,
         D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block,
     )
 
     dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
-    wrap_triton(prefix_attn_bwd_dq)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)](
+    _launch(
+        prefix_attn_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
         q, k, v, prefix_k, prefix_v, kpm, pidx, grad_out, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(grad_out), *_strides(dq), *kpm_strides,
@@ -129,7 +138,8 @@ def triton_bwd(
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
     if S > 0:
-        wrap_triton(prefix_attn_bwd_dkdv)[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        _launch(
+            prefix_attn_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
             q, k, v, kpm, grad_out, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             *kpm_strides,
@@ -145,7 +155,8 @@ def triton_bwd(
     dpk_acc = alloc((slots, T, Hkv, P, D), dtype=torch.float32, device=q.device)
     dpv_acc = alloc((slots, T, Hkv, P, D), dtype=torch.float32, device=q.device)
     del consts["CAUSAL"]  # every query sees every prefix key
-    wrap_triton(prefix_attn_bwd_prefix)[lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits)](
+    _launch(
+        prefix_attn_bwd_prefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
         q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc,
         *_strides(q), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *_strides(grad_out),
         B, Hq, Hkv, L, S, P, T, n_splits, scale_log2, dropout_p, seed, *buckets,

@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make test    set up .venv and run the test suite (CPU: Triton kernels in the interpreter, C++ CPU op)
+#   make bench   set up .venv and run the main job (the microbenchmark of every available backend)
+# TORCH_SPEC picks the torch build: the default is the CPU wheel; e.g. TORCH_SPEC="torch==2.14.1" (CUDA 13).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: setup test bench compile-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# --no-build-isolation: the C++ extension must be compiled against the torch installed above.
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/microbench.py
+
+compile-check: setup
+	env -u TRITON_INTERPRET $(BIN)/python -m prefix_kernels.ops.triton.compile_check
+
+clean:
+	rm -rf $(VENV) build *.egg-info prefix_kernels/_C*.so

@@ -1,0 +1,141 @@
+"""Shapes, inputs and the accuracy criterion shared by the backend tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+import prefix_kernels
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    L: int = 17
+    S: int = 17
+    P: int = 5
+    D: int = 32
+    causal: bool = True
+    padding: bool = False  # random key padding, with row 0 fully padded when P == 0
+    T: int = 0  # > 0: T prefixes chosen per row by prefix_index
+    layout: str = "contiguous"  # or "hf": q/k/v as transposes of [B, L, H, D], as transformers passes them
+
+    def id(self) -> str:
+        parts = [f"B{self.B}", f"H{self.Hq}-{self.Hkv}", f"L{self.L}", f"S{self.S}", f"P{self.P}", f"D{self.D}",
+                 "causal" if self.causal else "bidir"]
+        parts += ["pad"] if self.padding else []
+        parts += [f"T{self.T}"] if self.T else []
+        parts += [self.layout] if self.layout != "contiguous" else []
+        return "-".join(parts)
+
+
+BASE = Case()
+# The coverage list of the core-op issue, one knob at a time around BASE.
+SWEEP = [
+    BASE,
+    replace(BASE, causal=False),
+    replace(BASE, P=0, padding=True),
+    replace(BASE, P=0, causal=False, padding=True),
+    replace(BASE, P=1),
+    replace(BASE, L=9, S=9, P=37),
+    replace(BASE, L=1, S=40, P=19),
+    replace(BASE, L=1, S=40, P=19, causal=False, padding=True),
+    replace(BASE, L=9, S=33, P=16),
+    replace(BASE, L=20, S=11, P=3),
+    replace(BASE, L=20, S=11, P=3, causal=False),
+    replace(BASE, D=64, P=16),
+    replace(BASE, D=80, L=9, S=9),
+    replace(BASE, D=96, L=9, S=9),
+    replace(BASE, D=128, L=9, S=9),
+    replace(BASE, D=256, B=1, Hq=2, Hkv=1, L=9, S=9),
+    replace(BASE, Hq=4, Hkv=1),
+    replace(BASE, Hq=6, Hkv=2, L=9, S=9),
+    replace(BASE, Hq=3, Hkv=3, L=9, S=9),
+    replace(BASE, padding=True),
+    replace(BASE, padding=True, causal=False, P=21),
+    replace(BASE, layout="hf"),
+    replace(BASE, layout="hf", padding=True, S=24, L=24),
+    replace(BASE, B=4, T=3, padding=True),
+    replace(BASE, B=3, T=2, causal=False, L=9, S=12),
+    replace(BASE, B=1, L=33, S=33, P=20),
+    replace(BASE, B=3, Hq=2, Hkv=1, L=5, S=5, P=3),
+]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    if case.layout == "hf":
+        q = randn(case.B, case.L, case.Hq, case.D).transpose(1, 2)
+        k = randn(case.B, case.S, case.Hkv, case.D).transpose(1, 2)
+        v = randn(case.B, case.S, case.Hkv, case.D).transpose(1, 2)
+    else:
+        q = randn(case.B, case.Hq, case.L, case.D)
+        k = randn(case.B, case.Hkv, case.S, case.D)
+        v = randn(case.B, case.Hkv, case.S, case.D)
+    prefix_shape = (case.T, case.Hkv, case.P, case.D) if case.T else (case.Hkv, case.P, case.D)
+    inputs = dict(q=q, k=k, v=v, prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+    kwargs = dict(causal=case.causal)
+    if case.padding:
+        mask = torch.rand(case.B, case.S, generator=gen) > 0.3
+        mask[:, -1] = True  # keep a real token per row by default ...
+        if case.P == 0 and case.B > 1:
+            mask[0] = False  # ... except a fully padded row, which must give zeros and zero gradients
+        kwargs["key_padding_mask"] = mask.to(device)
+    if case.T:
+        kwargs["prefix_index"] = (torch.arange(case.B) % case.T).flip(0).to(device)
+    grad_out = randn(case.B, case.Hq, case.L, case.D)
+    return dict(tensors=inputs, kwargs=kwargs, grad_out=grad_out)
+
+
+GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def run_with_grads(fn, tensors: dict, kwargs: dict, grad_out: torch.Tensor, dtype=None):
+    leaves = {n: (t.detach().to(dtype) if dtype else t.detach()).requires_grad_() for n, t in tensors.items()}
+    out = fn(**leaves, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), {n: leaves[n].grad for n in GRAD_NAMES}
+
+
+# The error floor absorbs the cases where the low-precision reference happens to be near exact.
+ABS_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def assert_matches_reference(case: Case, dtype: torch.dtype, device: str, backend: str, **extra) -> dict:
+    """flash-attention's criterion: the backend's max error against the float64 reference is at most twice
+    that of the reference computed in the same dtype (plus a small floor)."""
+    data = make_inputs(case, dtype, device)
+    kwargs = {**data["kwargs"], **extra}
+    oracle_out, oracle_grads = run_with_grads(prefix_kernels.reference_prefix_attention, data["tensors"],
+                                              {k: v for k, v in kwargs.items() if k != "deterministic"},
+                                              data["grad_out"], dtype=torch.float64)
+    same_out, same_grads = run_with_grads(prefix_kernels.reference_prefix_attention, data["tensors"],
+                                          {k: v for k, v in kwargs.items() if k != "deterministic"},
+                                          data["grad_out"])
+    out, grads = run_with_grads(lambda **kw: prefix_kernels.prefix_attention(**kw, backend=backend),
+                                data["tensors"], kwargs, data["grad_out"])
+    assert out.dtype == dtype and out.shape == (case.B, case.Hq, case.L, case.D)
+    assert torch.isfinite(out).all()
+    report = {}
+    for name, got, same, want in [("out", out, same_out, oracle_out)] + [
+        (n, grads[n], same_grads[n], oracle_grads[n]) for n in GRAD_NAMES
+    ]:
+        assert got.shape == want.shape and got.dtype == dtype, name
+        if want.numel() == 0:
+            continue
+        err = (got.double() - want).abs().max().item()
+        ref_err = (same.double() - want).abs().max().item()
+        report[name] = (err, ref_err)
+        assert err <= 2 * ref_err + ABS_FLOOR[dtype], (
+            f"{name}: backend error {err:.3e} > 2 x reference {dtype} error {ref_err:.3e} + {ABS_FLOOR[dtype]:.0e}")
+    if case.P == 0 and case.padding and case.B > 1:
+        # Row 0 has no visible key: zeros out, zero gradients, no NaN.
+        assert out[0].abs().max() == 0 and grads["q"][0].abs().max() == 0
+    return report

@@ -1,0 +1,89 @@
+"""Every malformed call raises ValueError/TypeError naming the argument and what was expected, before any
+kernel runs (DESIGN.md, last bullet of "The op")."""
+
+import pytest
+import torch
+
+from prefix_kernels import prefix_attention
+
+
+def good(B=2, Hq=4, Hkv=2, L=5, S=6, P=3, D=8, dtype=torch.float32):
+    return dict(q=torch.randn(B, Hq, L, D, dtype=dtype), k=torch.randn(B, Hkv, S, D, dtype=dtype),
+                v=torch.randn(B, Hkv, S, D, dtype=dtype), prefix_k=torch.randn(Hkv, P, D, dtype=dtype),
+                prefix_v=torch.randn(Hkv, P, D, dtype=dtype))
+
+
+def with_(**changes):
+    args = good()
+    args.update(changes)
+    return args
+
+
+CASES = [
+    # (id, arguments, keyword arguments, exception, words the message must contain)
+    ("q-rank", with_(q=torch.randn(2, 4, 5)), {}, ValueError, ["q", "[B, Hq, L, D]", "[2, 4, 5]"]),
+    ("k-rank", with_(k=torch.randn(2, 6, 8)), {}, ValueError, ["k", "[B, Hkv, S, D]"]),
+    ("k-batch", with_(k=torch.randn(3, 2, 6, 8), v=torch.randn(3, 2, 6, 8)), {}, ValueError, ["k", "B=2"]),
+    ("k-headdim", with_(k=torch.randn(2, 2, 6, 4), v=torch.randn(2, 2, 6, 4)), {}, ValueError, ["k", "D=8"]),
+    ("v-shape", with_(v=torch.randn(2, 2, 7, 8)), {}, ValueError, ["v", "[2, 2, 6, 8]"]),
+    ("heads-not-multiple", with_(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8),
+                                 prefix_k=torch.randn(3, 3, 8), prefix_v=torch.randn(3, 3, 8)),
+     {}, ValueError, ["Hq=4", "Hkv=3"]),
+    ("prefix-rank", with_(prefix_k=torch.randn(3, 8)), {}, ValueError, ["prefix_k", "[Hkv=2, P, D=8]"]),
+    ("prefix-heads", with_(prefix_k=torch.randn(1, 3, 8), prefix_v=torch.randn(1, 3, 8)), {}, ValueError,
+     ["prefix_k", "Hkv=2"]),
+    ("prefix-4d-without-index", with_(prefix_k=torch.randn(2, 2, 3, 8), prefix_v=torch.randn(2, 2, 3, 8)), {},
+     ValueError, ["prefix_k", "prefix_index"]),
+    ("prefix-v-shape", with_(prefix_v=torch.randn(2, 4, 8)), {}, ValueError, ["prefix_v", "[2, 3, 8]"]),
+    ("index-with-3d-prefix", good(), {"prefix_index": torch.zeros(2, dtype=torch.int64)}, ValueError,
+     ["prefix_k", "[T, Hkv=2, P, D=8]"]),
+    ("index-dtype", with_(prefix_k=torch.randn(2, 2, 3, 8), prefix_v=torch.randn(2, 2, 3, 8)),
+     {"prefix_index": torch.zeros(2, dtype=torch.int32)}, TypeError, ["prefix_index", "int64"]),
+    ("index-shape", with_(prefix_k=torch.randn(2, 2, 3, 8), prefix_v=torch.randn(2, 2, 3, 8)),
+     {"prefix_index": torch.zeros(3, dtype=torch.int64)}, ValueError, ["prefix_index", "[B=2]"]),
+    ("index-range", with_(prefix_k=torch.randn(2, 2, 3, 8), prefix_v=torch.randn(2, 2, 3, 8)),
+     {"prefix_index": torch.tensor([0, 2])}, ValueError, ["prefix_index", "[0, T=2)"]),
+    ("index-negative", with_(prefix_k=torch.randn(2, 2, 3, 8), prefix_v=torch.randn(2, 2, 3, 8)),
+     {"prefix_index": torch.tensor([-1, 0])}, ValueError, ["prefix_index", "[0, T=2)"]),
+    ("dtype-int", with_(q=torch.ones(2, 4, 5, 8, dtype=torch.int64)), {}, TypeError, ["q", "float32"]),
+    ("dtype-mixed", with_(k=torch.randn(2, 2, 6, 8, dtype=torch.float16)), {}, TypeError,
+     ["k", "dtype of q", "torch.float16"]),
+    ("prefix-dtype", with_(prefix_v=torch.randn(2, 3, 8, dtype=torch.bfloat16)), {}, TypeError, ["prefix_v"]),
+    ("device", with_(v=torch.randn(2, 2, 6, 8, device="meta")), {}, ValueError, ["v", "device"]),
+    ("mask-dtype", good(), {"key_padding_mask": torch.ones(2, 6)}, TypeError, ["key_padding_mask", "bool"]),
+    ("mask-shape", good(), {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}, ValueError,
+     ["key_padding_mask", "[B=2, S=6]"]),
+    ("mask-4d", good(), {"key_padding_mask": torch.ones(2, 1, 5, 6, dtype=torch.bool)}, ValueError,
+     ["key_padding_mask", "[B=2, S=6]"]),
+    ("head-dim-too-large", with_(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+                                 v=torch.randn(1, 1, 2, 300), prefix_k=torch.randn(1, 1, 300),
+                                 prefix_v=torch.randn(1, 1, 300)), {}, ValueError, ["head dim", "256"]),
+    ("empty-queries", with_(q=torch.randn(2, 4, 0, 8)), {}, ValueError, ["q", "L"]),
+    ("not-a-tensor", with_(q=[[1.0]]), {}, TypeError, ["q", "torch.Tensor"]),
+    ("dropout-range", good(), {"dropout_p": 1.0}, ValueError, ["dropout_p", "[0, 1)"]),
+    ("scale-negative", good(), {"scale": -1.0}, ValueError, ["scale", "positive"]),
+    ("causal-type", good(), {"causal": "yes"}, TypeError, ["causal", "bool"]),
+    ("backend-name", good(), {"backend": "tpu"}, ValueError, ["backend", "'tpu'"]),
+    ("float64-kernel", {k: t.double() for k, t in good().items()}, {"backend": "triton"}, TypeError,
+     ["float64", "reference"]),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_named(args, kwargs, exc, words, monkeypatch):
+    from prefix_kernels.ops import dispatch
+
+    def no_kernel(name):
+        raise AssertionError(f"backend {name} was reached before validation failed")
+
+    monkeypatch.setattr(dispatch, "backend_function", no_kernel)
+    with pytest.raises(exc) as info:
+        prefix_attention(**args, **kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="triton.*CUDA tensors"):
+        prefix_attention(**good(), backend="triton")
