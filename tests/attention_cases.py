@@ -20,6 +20,7 @@ class Case:
     D: int = 32
     causal: bool = True
     padding: bool = False  # random key padding, with row 0 fully padded when P == 0
+    left_pad: int = 0  # the first left_pad keys of every row are padding (left-padded generation batches)
     T: int = 0  # > 0: T prefixes chosen per row by prefix_index
     layout: str = "contiguous"  # or "hf": q/k/v as transposes of [B, L, H, D], as transformers passes them
 
@@ -27,6 +28,7 @@ class Case:
         parts = [f"B{self.B}", f"H{self.Hq}-{self.Hkv}", f"L{self.L}", f"S{self.S}", f"P{self.P}", f"D{self.D}",
                  "causal" if self.causal else "bidir"]
         parts += ["pad"] if self.padding else []
+        parts += [f"leftpad{self.left_pad}"] if self.left_pad else []
         parts += [f"T{self.T}"] if self.T else []
         parts += [self.layout] if self.layout != "contiguous" else []
         return "-".join(parts)
@@ -56,6 +58,8 @@ SWEEP = [
     replace(BASE, Hq=3, Hkv=3, L=9, S=9),
     replace(BASE, padding=True),
     replace(BASE, padding=True, causal=False, P=21),
+    replace(BASE, L=20, S=40, P=3, left_pad=20),
+    replace(BASE, L=20, S=40, P=3, left_pad=20, causal=False, padding=True),
     replace(BASE, layout="hf"),
     replace(BASE, layout="hf", padding=True, S=24, L=24),
     replace(BASE, B=4, T=3, padding=True),
@@ -82,11 +86,12 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> d
     prefix_shape = (case.T, case.Hkv, case.P, case.D) if case.T else (case.Hkv, case.P, case.D)
     inputs = dict(q=q, k=k, v=v, prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
     kwargs = dict(causal=case.causal)
-    if case.padding:
-        mask = torch.rand(case.B, case.S, generator=gen) > 0.3
+    if case.padding or case.left_pad:
+        mask = torch.rand(case.B, case.S, generator=gen) > 0.3 if case.padding else torch.ones(case.B, case.S) > 0
         mask[:, -1] = True  # keep a real token per row by default ...
-        if case.P == 0 and case.B > 1:
+        if case.padding and case.P == 0 and case.B > 1:
             mask[0] = False  # ... except a fully padded row, which must give zeros and zero gradients
+        mask[:, : case.left_pad] = False
         kwargs["key_padding_mask"] = mask.to(device)
     if case.T:
         kwargs["prefix_index"] = (torch.arange(case.B) % case.T).flip(0).to(device)

@@ -284,10 +284,13 @@ def prefix_attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
-    # Causal: queries before start_n - (S - L) see none of these keys, so their blocks are skipped.
+    # Causal: queries before start_n - (S - L) see none of these keys, so their blocks are skipped; a key
+    # block that is all padding (left-padded batches) skips every query block and stores zeros.
     first_m = 0
     if CAUSAL:
         first_m = (tl.maximum(start_n - (S - L), 0) // BLOCK_M) * BLOCK_M
+    if HAS_KPM:
+        first_m = tl.where(tl.max(col_valid.to(tl.int32), 0) > 0, first_m, L)
     for g in range(GROUP):
         h = hkv * GROUP + g
         bh = b * Hq + h
