@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup test bench compile-check clean
@@ -25,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python benchmarks/microbench.py
+	$(BIN)/python benchmarks/microbench.py $(BENCH_ARGS)
 
 compile-check: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m prefix_kernels.ops.triton.compile_check

@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=None, help="default: float32 bfloat16 (CPU), bfloat16 (CUDA)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per backend (default 5 CPU, 20 CUDA)")
     ap.add_argument("--quick", action="store_true", help="one shape, one dtype, 2 reps (a smoke test)")
+    ap.add_argument("--no-record", action="store_true", help="print only; write nothing under results/")
     args = ap.parse_args()
     device = args.device
     gpu = device.startswith("cuda")
@@ -102,6 +103,8 @@ def main() -> None:
               "peak MiB", "reference peak MiB"]
     text = markdown_table(header, table)
     print(text)
+    if args.no_record:
+        return
     append_csv(os.path.join(RESULTS, "microbench.csv"), rows)
     name = "cuda" if gpu else "cpu"
     with open(os.path.join(RESULTS, f"microbench_{name}.md"), "w") as f:
