@@ -14,6 +14,14 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _torch_wants_cxx20() -> bool:
+    """torch >= 2.10 headers are written for C++20 (they warn, or fail, under C++17)."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 10)
+
+
 def _extensions():
     if os.environ.get("PREFIX_KERNELS_BUILD_EXT", "1") == "0":
         return [], {}
@@ -23,7 +31,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20" if _torch_wants_cxx20() else "-std=c++17", "-fopenmp"]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     want_cuda = os.environ.get("PREFIX_KERNELS_BUILD_CUDA", "auto")
     use_cuda = bool(cuda_sources) and want_cuda != "0" and torch.version.cuda is not None and CUDA_HOME is not None
@@ -31,7 +39,8 @@ def _extensions():
         raise RuntimeError("PREFIX_KERNELS_BUILD_CUDA=1 but there is no CUDA build of torch or no CUDA_HOME")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--resource-usage"]
+        nvcc_flags = ["-O3", "-std=c++20" if _torch_wants_cxx20() else "-std=c++17", "--use_fast_math", "-lineinfo",
+                      "--resource-usage"]
         ext = CUDAExtension(
             "prefix_kernels._C", cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DPREFIX_KERNELS_WITH_CUDA"], "nvcc": nvcc_flags},

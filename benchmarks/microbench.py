@@ -54,6 +54,49 @@ def run_once(backend, tensors, grad_out, shape, mode):
         prefix_kernels.prefix_attention(*tensors, causal=shape.causal, backend=backend).backward(grad_out)
 
 
+def measure(shapes, dtypes, backends, device, reps, modes=("fwd", "fwd+bwd")) -> tuple[list[dict], list[list]]:
+    """Times and peak memory of `backends` side by side; returns CSV rows and markdown table rows."""
+    machine, stamp, commit = machine_description(device), utc_stamp(), git_commit()
+    rows, table = [], []
+    work = [(s, d, m) for d in dtypes for s in shapes for m in modes]
+    for shape, dtype_name, mode in tqdm(work, desc="benchmark", unit="case", file=sys.stderr):
+        dtype = getattr(torch, dtype_name)
+        tensors, grad_out = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
+        calls = {b: (lambda b=b: run_once(b, tensors, grad_out, shape, mode)) for b in backends}
+        times = time_side_by_side(calls, device, reps)
+        memory = {}
+        for b in backends:
+            clear_grads(tensors)  # so that freeing the last call's gradients does not offset the peak
+            memory[b] = peak_memory_mib(calls[b], device)
+        ref_ms, ref_mib = times["reference"][0], memory["reference"]
+        for b in backends:
+            ms, p20, p80 = times[b]
+            tflops = shape.attention_flops(mode) / (ms * 1e-3) / 1e12
+            rows.append(dict(timestamp=stamp, machine=machine, commit=commit, device=device, dtype=dtype_name,
+                             shape=shape.name, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, L=shape.L, S=shape.S,
+                             P=shape.P, D=shape.D, causal=shape.causal, mode=mode, backend=b, ms=round(ms, 4),
+                             p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+                             speedup_vs_reference=round(ref_ms / ms, 3), tflops=round(tflops, 4),
+                             peak_mib=round(memory[b], 2), memory_saved_mib=round(ref_mib - memory[b], 2)))
+            table.append([dtype_name, shape.label(), mode, b, f"{ms:.2f} ({p20:.2f}-{p80:.2f})",
+                          f"{ref_ms / ms:.2f}x", f"{tflops:.3f}", f"{memory[b]:.1f}", f"{ref_mib:.1f}"])
+    return rows, table
+
+
+TABLE_HEADER = ["dtype", "shape", "mode", "backend", "ms median (p20-p80)", "vs reference", "TFLOP/s", "peak MiB",
+                "reference peak MiB"]
+
+
+def record(rows, table, csv_name: str, md_name: str, title: str, reps: int) -> None:
+    append_csv(os.path.join(RESULTS, csv_name), rows)
+    with open(os.path.join(RESULTS, md_name), "w") as f:
+        f.write(f"# {title}\n\n{rows[0]['machine']}; commit {rows[0]['commit']}; {rows[0]['timestamp']}; "
+                f"{reps} timed calls per backend, backends alternating, median (p20-p80).\n"
+                "Peak memory: what one call adds on top of its inputs (benchmarks/common.py).\n\n")
+        f.write(markdown_table(TABLE_HEADER, table))
+    print(f"appended {len(rows)} rows to benchmarks/results/{csv_name}, wrote benchmarks/results/{md_name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,48 +113,16 @@ def main() -> None:
     if args.quick:
         shapes, dtypes, reps = shapes[:1], dtypes[:1], 2
     backends = [b for b in available_backends(device) if gpu or b != "triton"]
-    machine, stamp, commit = machine_description(device), utc_stamp(), git_commit()
-    print(f"{machine}; prefix_kernels {prefix_kernels.__version__} ({commit}); backends: {', '.join(backends)}")
+    print(f"{machine_description(device)}; prefix_kernels {prefix_kernels.__version__} ({git_commit()}); "
+          f"backends: {', '.join(backends)}")
     if backends == ["reference"]:
         print("Only the reference backend is available here: build the C++ extension (see README) or use a GPU.")
-
-    rows, table = [], []
-    work = [(s, d, m) for d in dtypes for s in shapes for m in ("fwd", "fwd+bwd")]
-    for shape, dtype_name, mode in tqdm(work, desc="microbench", unit="case", file=sys.stderr):
-        dtype = getattr(torch, dtype_name)
-        tensors, grad_out = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
-        calls = {b: (lambda b=b: run_once(b, tensors, grad_out, shape, mode)) for b in backends}
-        times = time_side_by_side(calls, device, reps)
-        memory = {}
-        for b in backends:
-            clear_grads(tensors)  # so that freeing the last call's gradients does not offset the peak
-            memory[b] = peak_memory_mib(calls[b], device)
-        ref_ms, ref_mib = times["reference"][0], memory["reference"]
-        for b in backends:
-            ms, p20, p80 = times[b]
-            tflops = shape.attention_flops(mode) / (ms * 1e-3) / 1e12
-            row = dict(timestamp=stamp, machine=machine, commit=commit, device=device, dtype=dtype_name,
-                       shape=shape.name, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, L=shape.L, S=shape.S, P=shape.P,
-                       D=shape.D, causal=shape.causal, mode=mode, backend=b, ms=round(ms, 4),
-                       p20_ms=round(p20, 4), p80_ms=round(p80, 4), speedup_vs_reference=round(ref_ms / ms, 3),
-                       tflops=round(tflops, 4), peak_mib=round(memory[b], 2),
-                       memory_saved_mib=round(ref_mib - memory[b], 2))
-            rows.append(row)
-            table.append([dtype_name, shape.label(), mode, b, f"{ms:.2f} ({p20:.2f}-{p80:.2f})",
-                          f"{ref_ms / ms:.2f}x", f"{tflops:.3f}", f"{memory[b]:.1f}", f"{ref_mib:.1f}"])
-    header = ["dtype", "shape", "mode", "backend", "ms median (p20-p80)", "vs reference", "TFLOP/s",
-              "peak MiB", "reference peak MiB"]
-    text = markdown_table(header, table)
-    print(text)
-    if args.no_record:
-        return
-    append_csv(os.path.join(RESULTS, "microbench.csv"), rows)
-    name = "cuda" if gpu else "cpu"
-    with open(os.path.join(RESULTS, f"microbench_{name}.md"), "w") as f:
-        f.write(f"# prefix_attention microbenchmark ({name})\n\n{machine}; commit {commit}; {stamp}; "
-                f"{reps} timed calls per backend, backends alternating.\nPeak memory: see benchmarks/common.py.\n\n")
-        f.write(text)
-    print(f"appended {len(rows)} rows to benchmarks/results/microbench.csv")
+    rows, table = measure(shapes, dtypes, backends, device, reps)
+    print(markdown_table(TABLE_HEADER, table))
+    if not args.no_record:
+        name = "cuda" if gpu else "cpu"
+        record(rows, table, "microbench.csv", f"microbench_{name}.md", f"prefix_attention microbenchmark ({name})",
+               reps)
 
 
 if __name__ == "__main__":

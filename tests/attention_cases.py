@@ -22,7 +22,9 @@ class Case:
     padding: bool = False  # random key padding, with row 0 fully padded when P == 0
     left_pad: int = 0  # the first left_pad keys of every row are padding (left-padded generation batches)
     T: int = 0  # > 0: T prefixes chosen per row by prefix_index
-    layout: str = "contiguous"  # or "hf": q/k/v as transposes of [B, L, H, D], as transformers passes them
+    # "hf": q/k/v as transposes of [B, L, H, D], as transformers passes them; "strided": a column-strided
+    # head dim in k, permuted v and prefix_k (no unit stride where the kernels would like one)
+    layout: str = "contiguous"
 
     def id(self) -> str:
         parts = [f"B{self.B}", f"H{self.Hq}-{self.Hkv}", f"L{self.L}", f"S{self.S}", f"P{self.P}", f"D{self.D}",
@@ -61,6 +63,7 @@ SWEEP = [
     replace(BASE, L=20, S=40, P=3, left_pad=20),
     replace(BASE, L=20, S=40, P=3, left_pad=20, causal=False, padding=True),
     replace(BASE, layout="hf"),
+    replace(BASE, layout="strided", causal=False),
     replace(BASE, layout="hf", padding=True, S=24, L=24),
     replace(BASE, B=4, T=3, padding=True),
     replace(BASE, B=3, T=2, causal=False, L=9, S=12),
@@ -84,7 +87,12 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> d
         k = randn(case.B, case.Hkv, case.S, case.D)
         v = randn(case.B, case.Hkv, case.S, case.D)
     prefix_shape = (case.T, case.Hkv, case.P, case.D) if case.T else (case.Hkv, case.P, case.D)
-    inputs = dict(q=q, k=k, v=v, prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+    prefix_k, prefix_v = randn(*prefix_shape), randn(*prefix_shape)
+    if case.layout == "strided":
+        k = k.transpose(2, 3).contiguous().transpose(2, 3)
+        v = v.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+        prefix_k = prefix_k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    inputs = dict(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     kwargs = dict(causal=case.causal)
     if case.padding or case.left_pad:
         mask = torch.rand(case.B, case.S, generator=gen) > 0.3 if case.padding else torch.ones(case.B, case.S) > 0

@@ -1,0 +1,181 @@
+// The elementwise tile loops of block_math.cpp, included twice: once for baseline x86-64, once under
+// `#pragma GCC target("avx2,fma")`; block_math.cpp picks one at run time. No include guard on purpose.
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 8 floats as a GCC vector: the default clone lowers it to SSE pairs, the haswell clone to AVX2 + FMA.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+PK_INLINE inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+PK_INLINE inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+PK_INLINE inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+PK_INLINE inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+PK_INLINE inline v8f vmin(v8f a, v8f b) { return a < b ? a : b; }
+PK_INLINE inline float hmax(v8f v) {
+  float m = v[0];
+  for (int k = 1; k < 8; ++k) m = std::max(m, v[k]);
+  return m;
+}
+PK_INLINE inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// expf to about 2 ulp on [-87.3, 88.4] and exactly 0 below, so exp(-inf) = 0 (Cephes' polynomial, range
+// reduction by round-to-nearest with the 1.5 * 2^23 trick).
+PK_INLINE inline v8f vexp(v8f x) {
+  const v8i under = x < splat(-87.33654f);
+  x = vmin(vmax(x, splat(-87.33654f)), splat(88.3762626647949f));
+  const v8f fx = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  v8f r = x - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  v8f y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const v8i bits = (__builtin_convertvector(fx, v8i) + 127) << 23;
+  const v8f res = y * reinterpret_cast<const v8f&>(bits);
+  return under ? splat(0.f) : res;
+}
+
+// Row r of s: s = exp(s - sub), returns the row sum. Columns past `cols` in the last vector are not touched.
+PK_INLINE inline float exp_row(float* row, int64_t cols, float sub) {
+  v8f acc = splat(0.f);
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    const v8f e = vexp(load8(row + c) - sub);
+    store8(row + c, e);
+    acc += e;
+  }
+  if (c < cols) {
+    float tmp[8];
+    for (int k = 0; k < 8; ++k) tmp[k] = c + k < cols ? row[c + k] : -std::numeric_limits<float>::infinity();
+    const v8f e = vexp(load8(tmp) - sub);
+    store8(tmp, e);
+    for (int k = 0; c + k < cols; ++k) row[c + k] = tmp[k];
+    acc += e;
+  }
+  return hsum(acc);
+}
+
+PK_INLINE inline float max_row(const float* row, int64_t cols, float init) {
+  v8f m = splat(init);
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) m = vmax(m, load8(row + c));
+  float mx = hmax(m);
+  for (; c < cols; ++c) mx = std::max(mx, row[c]);
+  return mx;
+}
+
+
+inline void softmax_update(float* s, int64_t rows, int64_t cols, float* m, float* l, float* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * cols;
+    const float mx = max_row(row, cols, m[r]);
+    if (mx == kNegInf) {  // nothing visible yet in this row
+      alpha[r] = 1.f;
+      std::fill(row, row + cols, 0.f);
+      continue;
+    }
+    alpha[r] = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx);
+    l[r] = l[r] * alpha[r] + exp_row(row, cols, mx);
+    m[r] = mx;
+  }
+}
+
+inline void probs_from_lse(float* s, int64_t rows, int64_t cols, const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * cols;
+    const float sub = lse[r];
+    if (sub == std::numeric_limits<float>::infinity()) {  // an empty row: no probabilities
+      std::fill(row, row + cols, 0.f);
+      continue;
+    }
+    exp_row(row, cols, sub);
+  }
+}
+
+inline void softmax_grad(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float d = delta[r];
+    const float* pr = p + r * cols;
+    float* dr = dp + r * cols;
+    for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+  }
+}
+
+inline void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float a = alpha[r];
+    if (a == 1.f) continue;
+    float* row = acc + r * cols;
+    for (int64_t c = 0; c < cols; ++c) row[c] *= a;
+  }
+}
+
+inline void mul_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= y[i];
+}
+
+
+// C[M, N] = beta * C + alpha * sum_p a(i, p) * B[p, :] with a(i, p) = A[i * ars + p * acs] and B row-major
+// (leading dim ldb); beta is 0 or 1. Register blocks of R rows x 16 columns; a fixed summation order over p.
+template <int R>
+PK_INLINE inline void gemm_rows(int64_t N, int64_t K, float alpha, const float* A, int64_t ars, int64_t acs,
+                                const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 16 <= N; j += 16) {
+    v8f acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = splat(0.f);
+    for (int64_t p = 0; p < K; ++p) {
+      const v8f b0 = load8(B + p * ldb + j), b1 = load8(B + p * ldb + j + 8);
+      for (int r = 0; r < R; ++r) {
+        const v8f a = splat(A[r * ars + p * acs]);
+        acc0[r] += a * b0;
+        acc1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* c = C + r * ldc + j;
+      const v8f c0 = acc0[r] * alpha, c1 = acc1[r] * alpha;
+      store8(c, accumulate ? load8(c) + c0 : c0);
+      store8(c + 8, accumulate ? load8(c + 8) + c1 : c1);
+    }
+  }
+  for (; j + 8 <= N; j += 8) {
+    v8f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = splat(0.f);
+    for (int64_t p = 0; p < K; ++p) {
+      const v8f b = load8(B + p * ldb + j);
+      for (int r = 0; r < R; ++r) acc[r] += splat(A[r * ars + p * acs]) * b;
+    }
+    for (int r = 0; r < R; ++r) {
+      float* c = C + r * ldc + j;
+      store8(c, accumulate ? load8(c) + acc[r] * alpha : acc[r] * alpha);
+    }
+  }
+  for (; j < N; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t p = 0; p < K; ++p) acc += A[r * ars + p * acs] * B[p * ldb + j];
+      C[r * ldc + j] = accumulate ? C[r * ldc + j] + acc * alpha : acc * alpha;
+    }
+  }
+}
+
+inline void gemm_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t ars, int64_t acs,
+                      const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) gemm_rows<4>(N, K, alpha, A + i * ars, ars, acs, B, ldb, accumulate, C + i * ldc, ldc);
+  switch (M - i) {
+    case 3: gemm_rows<3>(N, K, alpha, A + i * ars, ars, acs, B, ldb, accumulate, C + i * ldc, ldc); break;
+    case 2: gemm_rows<2>(N, K, alpha, A + i * ars, ars, acs, B, ldb, accumulate, C + i * ldc, ldc); break;
+    case 1: gemm_rows<1>(N, K, alpha, A + i * ars, ars, acs, B, ldb, accumulate, C + i * ldc, ldc); break;
+    default: break;
+  }
+}
