@@ -1,0 +1,137 @@
+"""The attention function and mask function registered with transformers under the name "prefix_kernels".
+
+transformers calls the mask function once per forward (per mask kind) instead of building its dense
+`[B, 1, L, S]` mask; ours returns a `PrefixMask`: the key padding `[B, S]` (None when nothing is padded) and
+the causal flag, which is all the fused op needs (which key a query sees is decided in
+`prefix_kernels.ops.masks`, by the op). The attention function looks up the prefix of its layer from the
+binding that `PrefixModel` put on the module, so two wrapped models never share state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
+
+from ..ops import prefix_attention
+
+ATTN_IMPLEMENTATION = "prefix_kernels"
+
+# Keyword arguments some families pass to attention functions that the fused op has no equivalent for.
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "sliding-window attention",
+    "softcap": "attention logit soft-capping",
+    "position_bias": "an additive position bias",
+    "s_aux": "attention sinks",
+    "cu_seq_lens_q": "packed (varlen) sequences",
+}
+
+
+@dataclass(frozen=True)
+class PrefixMask:
+    """The compact mask handed to the fused op: `key_padding_mask` bool `[B, S]` (True = real token; None when
+    no key is padded) and `causal`. The prefix is never masked."""
+
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+
+
+def prefix_mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> PrefixMask:
+    if mask_function is causal_mask_function:
+        causal = True
+    elif mask_function is bidirectional_mask_function:
+        causal = False
+    else:
+        raise NotImplementedError(
+            "prefix_kernels supports causal and bidirectional attention with key padding; this model asked for "
+            f"another mask pattern ({getattr(mask_function, '__name__', mask_function)!r}: sliding window, "
+            "packed sequences or a custom overlay)")
+    if kv_offset:
+        raise NotImplementedError(f"prefix_kernels does not support a key offset (sliding caches), got {kv_offset}")
+    padding = None
+    if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be 2D [batch, keys], got shape {tuple(attention_mask.shape)}")
+        if attention_mask.shape[-1] < kv_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, expected {kv_length}")
+        padding = attention_mask[:, -kv_length:].to(torch.bool)
+        if bool(padding.all()):
+            padding = None
+    return PrefixMask(padding, causal)
+
+
+@dataclass
+class LayerBinding:
+    """Put on each attention module (`module._prefix_kernels`): its model's prefix state and its slot."""
+
+    state: object  # prefix_kernels.transformers.model.PrefixState
+    slot: int
+
+
+def prefix_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    binding = getattr(module, "_prefix_kernels", None)
+    if binding is None:
+        raise RuntimeError(
+            f"attention implementation {ATTN_IMPLEMENTATION!r} is set on a module that is not part of a "
+            "PrefixModel; wrap the model with prefix_kernels.get_prefix_model(model, config)")
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"prefix_kernels does not support {what} ({name}={kwargs[name]!r})")
+
+    if isinstance(attention_mask, PrefixMask):
+        padding, causal = attention_mask.key_padding_mask, attention_mask.causal
+    elif attention_mask is None:
+        padding = None
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        padding = attention_mask.to(torch.bool)
+        causal = bool(getattr(module, "is_causal", True))
+    else:
+        raise TypeError(
+            "prefix_kernels takes a 2D attention_mask [batch, keys] (it builds no dense mask); got "
+            f"{type(attention_mask).__name__} of shape {tuple(getattr(attention_mask, 'shape', ()))}")
+    B, S = key.shape[0], key.shape[2]
+    if padding is not None and tuple(padding.shape) != (B, S):
+        raise ValueError(f"key padding mask must be [batch, keys] = {(B, S)}, got {tuple(padding.shape)} "
+                         "(static caches are not supported; use the default DynamicCache)")
+    if padding is not None and padding.device != query.device:
+        padding = padding.to(query.device)
+
+    prefix_k, prefix_v = binding.state.layer_prefix(binding.slot)
+    out = prefix_attention(
+        query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
+        causal=causal, key_padding_mask=padding,
+        scale=scaling, dropout_p=float(dropout) if module.training else 0.0,
+        backend=binding.state.backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the attention and mask functions (idempotent; done on import of this subpackage)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_mask_function)
+
+
+register()

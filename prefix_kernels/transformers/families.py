@@ -1,0 +1,232 @@
+"""Which transformers models the integration supports, and where their attention layers and positions are.
+
+Any model on transformers' attention interface (its attention layers call
+`ALL_ATTENTION_FUNCTIONS.get_interface`, which `PreTrainedModel._can_set_attn_implementation` checks) is handled
+generically: its
+attention modules are the submodules that carry `is_causal` and `scaling` (the attributes the interface's
+attention functions read). They are grouped into stacks (decoder-only / encoder-only: "self"; encoder-decoder:
+"encoder", "decoder", "cross"), each with its own prefix per layer, never tied. `FAMILIES` lists what is
+tested; `UNSUPPORTED` what cannot work and why.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    kind: str  # "decoder", "encoder" or "encoder-decoder"
+    positions: str  # "rope", "absolute" or "none"
+    tested: str
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Llama", ("llama",), "decoder", "rope",
+           "PEFT equivalence (logits + prefix grads, GQA, projection on/off), PEFT adapter load, generate "
+           "(greedy vs recompute, left padding, cache length, sampling), padding, gradient checkpointing, "
+           "sequence classification, Trainer, save/resume, position_offset=False, compact mask"),
+    Family("GPT-2", ("gpt2",), "decoder", "absolute",
+           "PEFT equivalence, generate (greedy vs recompute), token classification, max-position error"),
+    Family("BERT", ("bert",), "encoder", "absolute",
+           "sequence and token classification, padding (left and right), gradient checkpointing, "
+           "max-position error"),
+    Family("RoBERTa", ("roberta",), "encoder", "absolute",
+           "sequence classification, padding, positions (padding_idx convention + P)"),
+    Family("BART", ("bart",), "encoder-decoder", "absolute",
+           "encoder self-, decoder self- and cross-attention prefixes (no tying), generate (greedy vs "
+           "recompute), padding, save/load"),
+)
+
+UNSUPPORTED: dict[str, str] = {
+    "t5": "T5 adds a learned relative position bias to the attention scores, which the fused op does not take",
+    "mt5": "mT5 adds a learned relative position bias to the attention scores, which the fused op does not take",
+    "umt5": "UMT5 adds a learned relative position bias to the attention scores, which the fused op does not take",
+    "longt5": "LongT5 uses local/transient-global attention with a position bias",
+}
+
+
+def supported_families_text() -> str:
+    tested = ", ".join(f.name for f in FAMILIES)
+    return (f"tested families: {tested}; any other model whose attention calls transformers' AttentionInterface "
+            f"(Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, OPT, XLM-R, ELECTRA, ...) is handled generically")
+
+
+def family_of(model_type: str) -> Family | None:
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    return None
+
+
+@dataclass
+class ModelLayout:
+    """Where the prefix goes in one model: every attention module with its slot in the prefix encoder."""
+
+    model_type: str
+    kind: str
+    groups: list[tuple[str, int]]  # (stack name, number of layers), in prefix-encoder order
+    attention_modules: list[tuple[str, nn.Module]] = field(repr=False)  # slot i -> (qualified name, module)
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    position_style: str = "none"  # "position_ids", "roberta", "embed_positions", "none"
+    rope: bool = False
+    max_positions: int | None = None  # size of the absolute position table (None: no limit)
+    padding_idx: int | None = None  # RoBERTa-style positions
+    position_modules: list[nn.Module] = field(default_factory=list, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_modules)
+
+
+def _is_attention_module(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return (not isinstance(module, PreTrainedModel) and hasattr(module, "is_causal") and hasattr(module, "scaling"))
+
+
+def _is_cross(name: str, module: nn.Module) -> bool:
+    last = name.rsplit(".", 1)[-1].lower()
+    return (bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower()
+            or last in ("encoder_attn", "crossattention", "cross_attn", "encdecattention"))
+
+
+def _kv_heads_and_head_dim(config) -> tuple[int, int, list[str]]:
+    problems = []
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "is_encoder_decoder", False):
+        enc, dec = getattr(config, "encoder_attention_heads", heads), getattr(config, "decoder_attention_heads", heads)
+        if enc != dec:
+            problems.append(f"encoder and decoder must have the same number of attention heads, got {enc} and {dec}")
+    if not head_dim or not kv_heads:
+        problems.append("could not read num_attention_heads / hidden_size / head_dim from the model config")
+    return kv_heads, head_dim, problems
+
+
+def detect(model: nn.Module) -> ModelLayout:
+    """Check that `model` can take a fused prefix and find its attention modules; raise before touching it."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"model type {model_type!r} ({type(model).__name__}) is not supported: "
+                         f"{UNSUPPORTED[model_type]}. Supported: {supported_families_text()}")
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"model type {model_type!r} ({type(model).__name__}) is not on transformers' attention "
+                         f"interface (AttentionInterface), so its attention cannot be switched to the fused prefix "
+                         f"op. Supported: {supported_families_text()}")
+
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    buckets: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if not _is_attention_module(module):
+            continue
+        parts = name.split(".")
+        if _is_cross(name, module):
+            group = "cross"
+        elif enc_dec and "encoder" in parts:
+            group = "encoder"
+        elif enc_dec and "decoder" in parts:
+            group = "decoder"
+        else:
+            group = "self"
+        buckets.setdefault(group, []).append((name, module))
+    if not buckets:
+        raise ValueError(f"found no attention module (a submodule with `is_causal` and `scaling`) in "
+                         f"{type(model).__name__}. Supported: {supported_families_text()}")
+    order = [g for g in ("self", "encoder", "decoder", "cross") if g in buckets]
+    modules = [m for g in order for m in buckets[g]]
+    groups = [(g, len(buckets[g])) for g in order]
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads, head_dim, problems = _kv_heads_and_head_dim(text_config)
+    if problems:
+        raise ValueError(f"{type(model).__name__}: " + "; ".join(problems))
+
+    family = family_of(model_type)
+    kind = family.kind if family else ("encoder-decoder" if enc_dec else
+                                       ("decoder" if any(m.is_causal for _, m in modules) else "encoder"))
+    layout = ModelLayout(model_type=model_type, kind=kind, groups=groups, attention_modules=modules,
+                         num_kv_heads=int(kv_heads), head_dim=int(head_dim))
+    _find_positions(model, layout)
+    return layout
+
+
+def _find_positions(model: nn.Module, layout: ModelLayout) -> None:
+    """How real-token positions are given to this model, and how many absolute positions it has."""
+    layout.rope = any(hasattr(m, "inv_freq") for m in model.modules())
+    tables = []
+    roberta_style = None
+    offset_modules = []
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if hasattr(module, "create_position_ids_from_input_ids") and hasattr(module, "padding_idx"):
+            roberta_style = module
+        if isinstance(module, nn.Embedding) and last in ("wpe", "position_embeddings", "embed_positions"):
+            offset = int(getattr(module, "offset", 0) or 0)
+            tables.append(module.num_embeddings - offset)
+            if last == "embed_positions" and hasattr(module, "offset"):
+                offset_modules.append(module)
+    layout.max_positions = min(tables) if tables else None
+    accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+    if roberta_style is not None and accepts_position_ids:
+        layout.position_style = "roberta"
+        layout.padding_idx = int(roberta_style.padding_idx)
+        layout.max_positions = (layout.max_positions - layout.padding_idx - 1) if layout.max_positions else None
+    elif offset_modules:
+        layout.position_style = "embed_positions"
+        layout.position_modules = offset_modules
+    elif accepts_position_ids:
+        layout.position_style = "position_ids"
+    else:
+        layout.position_style = "none"
+
+
+def validate_positions(layout: ModelLayout, num_virtual_tokens: int, position_offset: bool) -> None:
+    if not position_offset:
+        return
+    if layout.position_style == "none" and (layout.rope or layout.max_positions):
+        raise ValueError(f"position_offset=True needs to shift the positions of real tokens by P, but "
+                         f"{layout.model_type} takes no position_ids; use position_offset=False")
+    if layout.max_positions is not None and num_virtual_tokens >= layout.max_positions:
+        raise ValueError(f"num_virtual_tokens must be below the model's {layout.max_positions} absolute positions "
+                         f"with position_offset=True (real tokens start at position P), got "
+                         f"{num_virtual_tokens}")
+
+
+def task_type_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
+
+
+def default_heads(model: nn.Module) -> list[str]:
+    if task_type_of(model) in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"):
+        return []
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
