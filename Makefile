@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench compile-check clean
+.PHONY: setup test bench compile-check cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,5 +31,18 @@ bench: setup
 compile-check: setup
 	env -u TRITON_INTERPRET $(BIN)/python -m prefix_kernels.ops.triton.compile_check
 
+# Compile the CUDA extension for sm_80 and sm_90 with the CUDA build of torch (no GPU needed) and report
+# registers/spills per kernel; a spill fails. Uses a separate venv, as the CUDA torch is ~5.5 GB.
+CUDA_HOME ?= /usr/local/cuda
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" setuptools wheel ninja
+	env CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH PREFIX_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+	  MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-temp -b build/cuda-lib
+	env CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH \
+	  $(CUDA_VENV)/bin/python tools/cuda_resource_check.py --out build/cuda_resources.md
+
 clean:
-	rm -rf $(VENV) build *.egg-info prefix_kernels/_C*.so
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info prefix_kernels/_C*.so
