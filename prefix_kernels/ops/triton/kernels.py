@@ -82,7 +82,7 @@ def prefix_attn_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)  # int64 row offsets: B * stride_b may exceed 2**31 (long KV caches)
     h = pid_bh % Hq
     hkv = h // GROUP
     start_m = pid_m * BLOCK_M
@@ -145,7 +145,7 @@ def prefix_attn_bwd_preprocess(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -188,7 +188,7 @@ def prefix_attn_bwd_dq(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
+    b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
     hkv = h // GROUP
     start_m = pid_m * BLOCK_M
@@ -273,7 +273,7 @@ def prefix_attn_bwd_dkdv(
     """Gradients of the sequence keys/values: one program owns one key block of one (row, KV head)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)
     hkv = pid_bh % Hkv
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -357,7 +357,7 @@ def prefix_attn_bwd_prefix(
     unit_lo = (split * units) // n_splits
     unit_hi = ((split + 1) * units) // n_splits
     for unit in range(unit_lo, unit_hi):
-        b = unit // (GROUP * n_m)
+        b = (unit // (GROUP * n_m)).to(tl.int64)
         g = (unit // n_m) % GROUP
         start_m = (unit % n_m) * BLOCK_M
         uses_prefix = True
