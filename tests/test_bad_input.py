@@ -87,3 +87,91 @@ def test_unavailable_backend_says_why(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="triton.*CUDA tensors"):
         prefix_attention(**good(), backend="triton")
+
+
+# ---- issue 7 (reliability): more malformed calls, one row of docs/bad_input.md each ----------------------------
+
+def _multi(T=2):
+    return with_(prefix_k=torch.randn(T, 2, 3, 8), prefix_v=torch.randn(T, 2, 3, 8))
+
+
+MORE_CASES = [
+    ("batch-empty", with_(q=torch.randn(0, 4, 5, 8), k=torch.randn(0, 2, 6, 8), v=torch.randn(0, 2, 6, 8)), {},
+     ValueError, ["q", "B, Hq and L >= 1"]),
+    ("kv-heads-zero", with_(k=torch.randn(2, 0, 6, 8), v=torch.randn(2, 0, 6, 8)), {}, ValueError, ["Hkv=0"]),
+    ("head-dim-zero", with_(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 6, 0), v=torch.randn(2, 2, 6, 0),
+                            prefix_k=torch.randn(2, 3, 0), prefix_v=torch.randn(2, 3, 0)), {}, ValueError,
+     ["head dim", "between 1 and 256", "D=0"]),
+    ("q-rank-5", with_(q=torch.randn(1, 2, 4, 5, 8)), {}, ValueError, ["q", "4 dims"]),
+    ("prefix-T-zero", _multi(T=0), {"prefix_index": torch.zeros(2, dtype=torch.int64)}, ValueError,
+     ["prefix_k", "T >= 1"]),
+    ("index-not-tensor", _multi(), {"prefix_index": [0, 1]}, TypeError, ["prefix_index", "torch.Tensor"]),
+    ("index-2d", _multi(), {"prefix_index": torch.zeros(2, 1, dtype=torch.int64)}, ValueError,
+     ["prefix_index", "[B=2]"]),
+    ("index-far-out-of-range", _multi(), {"prefix_index": torch.tensor([0, 10**9])}, ValueError,
+     ["prefix_index", "[0, T=2)", "1000000000"]),
+    ("index-device", _multi(), {"prefix_index": torch.zeros(2, dtype=torch.int64, device="meta")}, ValueError,
+     ["prefix_index", "meta"]),
+    ("prefix-device", with_(prefix_k=torch.randn(2, 3, 8, device="meta")), {}, ValueError, ["prefix_k", "device"]),
+    ("mask-uint8", good(), {"key_padding_mask": torch.ones(2, 6, dtype=torch.uint8)}, TypeError,
+     ["key_padding_mask", "bool", "torch.uint8"]),
+    ("mask-not-tensor", good(), {"key_padding_mask": [[True] * 6] * 2}, TypeError,
+     ["key_padding_mask", "torch.Tensor"]),
+    ("mask-transposed", good(), {"key_padding_mask": torch.ones(6, 2, dtype=torch.bool)}, ValueError,
+     ["key_padding_mask", "[B=2, S=6]", "[6, 2]"]),
+    ("mask-device", good(), {"key_padding_mask": torch.ones(2, 6, dtype=torch.bool, device="meta")}, ValueError,
+     ["key_padding_mask", "meta"]),
+    ("scale-zero", good(), {"scale": 0.0}, ValueError, ["scale", "positive"]),
+    ("scale-nan", good(), {"scale": float("nan")}, ValueError, ["scale", "positive finite"]),
+    ("scale-inf", good(), {"scale": float("inf")}, ValueError, ["scale", "positive finite"]),
+    ("scale-tensor", good(), {"scale": torch.tensor(0.5)}, ValueError, ["scale", "float"]),
+    ("dropout-negative", good(), {"dropout_p": -0.1}, ValueError, ["dropout_p", "[0, 1)"]),
+    ("dropout-nan", good(), {"dropout_p": float("nan")}, ValueError, ["dropout_p"]),
+    ("deterministic-type", good(), {"deterministic": "yes"}, TypeError, ["deterministic", "bool"]),
+    ("dtype-bool", with_(q=torch.ones(2, 4, 5, 8, dtype=torch.bool)), {}, TypeError, ["q", "float32"]),
+    ("float64-cpu", {k: t.double() for k, t in good().items()}, {"backend": "cpu"}, TypeError,
+     ["float64", "reference"]),
+    ("backend-unavailable", good(), {"backend": "cuda"}, RuntimeError, ["'cuda'", "unavailable", "cuda tensors"]),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,words", [c[1:] for c in MORE_CASES], ids=[c[0] for c in MORE_CASES])
+def test_more_bad_input_is_named(args, kwargs, exc, words, monkeypatch):
+    test_bad_input_is_named(args, kwargs, exc, words, monkeypatch)
+
+
+def _backends():
+    from prefix_kernels.ops.dispatch import available_backends
+
+    return available_backends("cpu")
+
+
+@pytest.mark.parametrize("D", [1, 7, 200, 256])
+@pytest.mark.parametrize("backend", _backends())
+def test_any_head_dim_up_to_256_runs(backend, D):
+    """Head dims that are not a power of two (or tiny) are supported by every backend, not a fault."""
+    import prefix_kernels
+
+    args = good(B=1, Hq=2, Hkv=1, L=3, S=4, P=2, D=D)
+    out = prefix_attention(**args, backend=backend)
+    want = prefix_kernels.reference_prefix_attention(**{k: t.double() for k, t in args.items()})
+    assert (out.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_odd_strides_are_safe(backend):
+    """A stride-0 (expanded) prefix, a storage offset, a non-contiguous mask and a GQA group of 4: no
+    out-of-bounds read, the same result as contiguous copies."""
+    import prefix_kernels
+
+    base = good(B=2, Hq=4, Hkv=1, L=3, S=5, P=2, D=8)
+    big_q = torch.randn(3, 4, 3, 8)
+    q = big_q[1:]  # storage offset
+    pk = torch.randn(1, 1, 8).expand(1, 2, 8)  # stride 0 over P
+    mask = torch.ones(5, 2, dtype=torch.bool).t()  # non-contiguous
+    mask[1, 0] = False
+    args = dict(base, q=q, prefix_k=pk)
+    out = prefix_attention(**args, key_padding_mask=mask, backend=backend)
+    want = prefix_kernels.reference_prefix_attention(**{k: t.double().contiguous() for k, t in args.items()},
+                                                     key_padding_mask=mask.contiguous())
+    assert (out.double() - want).abs().max() < 1e-5

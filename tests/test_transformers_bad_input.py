@@ -123,3 +123,85 @@ def test_four_d_mask_is_refused():
     ids = tokens(1, 4)
     with pytest.raises(TypeError, match="2D attention_mask"):
         pm(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+# ---- issue 7 (reliability): more rows of docs/bad_input.md ------------------------------------------------------
+
+@pytest.mark.parametrize("cls,kwargs,error,words", [
+    (pk.PTuningV2Config, dict(num_virtual_tokens=4, prefix_dropout=-0.1), ValueError, "[0, 1), got -0.1"),
+    (pk.PTuningV2Config, dict(num_virtual_tokens=True), TypeError, "int, got bool"),
+    (pk.PrefixTuningConfig, dict(num_virtual_tokens=4, position_offset=1), TypeError, "position_offset must be a bool"),
+    (pk.PrefixTuningConfig, dict(num_virtual_tokens=4, encoder_hidden_size=1.5), TypeError, "encoder_hidden_size"),
+    (pk.PrefixTuningConfig, dict(num_virtual_tokens=4, prefix_dropout="0.1"), TypeError,
+     "prefix_dropout must be a float"),
+    (pk.PrefixTuningConfig, dict(num_virtual_tokens=4, modules_to_save=[1]), TypeError, "modules_to_save"),
+])
+def test_more_impossible_config_values(cls, kwargs, error, words):
+    with pytest.raises(error) as e:
+        cls(**kwargs)
+    assert words in str(e.value)
+
+
+def test_config_changed_after_construction_is_checked_when_applied():
+    cfg = pk.PrefixTuningConfig(num_virtual_tokens=4)
+    cfg.num_virtual_tokens = 0
+    model = llama()
+    with pytest.raises(ValueError, match=">= 1, got 0"):
+        pk.get_prefix_model(model, cfg)
+    assert_untouched(model, model.config._attn_implementation)
+
+
+def test_backend_that_cannot_run_the_model():
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this model.*cuda tensors"):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2, backend="cuda"))
+    assert_untouched(model, attn)
+
+
+def test_adapter_loading_bad_arguments(tmp_path):
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(FileNotFoundError, match="must hold adapter_config.json and adapter_model.safetensors"):
+        pk.PrefixModel.from_pretrained(model, tmp_path / "missing")
+    src = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=3))
+    src.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pk.PrefixModel.from_pretrained(model, tmp_path, backend="tpu")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this model"):
+        pk.PrefixModel.from_pretrained(model, tmp_path, backend="cuda")
+    assert_untouched(model, attn)
+
+
+def test_malformed_model_inputs_raise_and_leave_the_model_usable():
+    """Inputs the base model itself refuses raise the base model's error (no crash, no fault), and the wrapped
+    model keeps working afterwards."""
+    pm = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=2))
+    ids = tokens(2, 5)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        pm(input_ids=ids, attention_mask=torch.ones(3, 5))  # mask batch != input batch
+    with pytest.raises(RuntimeError, match="indices"):
+        pm(input_ids=ids.float())
+    with pytest.raises(IndexError, match="index out of range"):
+        pm(input_ids=ids + 1000)
+    with pytest.raises(RuntimeError):
+        pm(input_ids=tokens(2, 0))  # no tokens
+    assert torch.isfinite(pm(input_ids=ids).logits).all()
+    assert pm._state.depth == 0  # the per-step state was released by every failed call
+
+
+def test_nan_in_inputs_propagates_like_the_base_model():
+    """A NaN in one row's embeddings gives NaN logits in that row only, exactly where the unwrapped model
+    (with its own attention) gives them; no crash."""
+    base = llama()
+    pm = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=2, init="zero",
+                                                            position_offset=False))
+    ids = tokens(2, 5)
+    emb = base.get_input_embeddings()(ids).detach()
+    emb[0, 1, 3] = float("nan")
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        got = pm(inputs_embeds=emb, attention_mask=mask).logits
+        want = base(inputs_embeds=emb, attention_mask=mask).logits
+    assert torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))

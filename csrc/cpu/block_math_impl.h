@@ -27,6 +27,7 @@ PK_INLINE inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((
 // reduction by round-to-nearest with the 1.5 * 2^23 trick).
 PK_INLINE inline v8f vexp(v8f x) {
   const v8i under = x < splat(-87.33654f);
+  const v8i nan = x != x;  // the clamp below would turn NaN into a number; PyTorch propagates it
   x = vmin(vmax(x, splat(-87.33654f)), splat(88.3762626647949f));
   const v8f fx = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   v8f r = x - fx * 0.693359375f;
@@ -40,7 +41,7 @@ PK_INLINE inline v8f vexp(v8f x) {
   y = y * r * r + r + 1.f;
   const v8i bits = (__builtin_convertvector(fx, v8i) + 127) << 23;
   const v8f res = y * reinterpret_cast<const v8f&>(bits);
-  return under ? splat(0.f) : res;
+  return under ? splat(0.f) : (nan ? splat(std::numeric_limits<float>::quiet_NaN()) : res);
 }
 
 // Row r of s: s = exp(s - sub), returns the row sum. Columns past `cols` in the last vector are not touched.
@@ -63,13 +64,25 @@ PK_INLINE inline float exp_row(float* row, int64_t cols, float sub) {
   return hsum(acc);
 }
 
+// The row maximum, NaN if any score (or `init`) is NaN: a NaN score must poison its row as in PyTorch, and
+// plain max() would drop it (the row would then look empty and output zeros).
 PK_INLINE inline float max_row(const float* row, int64_t cols, float init) {
   v8f m = splat(init);
+  v8i nan = v8i{} != v8i{};
   int64_t c = 0;
-  for (; c + 8 <= cols; c += 8) m = vmax(m, load8(row + c));
+  for (; c + 8 <= cols; c += 8) {
+    const v8f v = load8(row + c);
+    m = vmax(m, v);
+    nan |= v != v;
+  }
   float mx = hmax(m);
-  for (; c < cols; ++c) mx = std::max(mx, row[c]);
-  return mx;
+  bool any_nan = init != init;
+  for (int k = 0; k < 8; ++k) any_nan |= nan[k] != 0;
+  for (; c < cols; ++c) {
+    any_nan |= row[c] != row[c];
+    mx = std::max(mx, row[c]);
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
 
 

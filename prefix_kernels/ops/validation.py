@@ -109,8 +109,8 @@ def validate(
             raise ValueError(f"key_padding_mask must be on {q.device} like q, got {key_padding_mask.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not 0 < scale < float("inf")):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return AttnShape(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, P=P, D=D, T=T, multi_prefix=prefix_index is not None)

@@ -8,8 +8,9 @@
 - `prefix_kernels_state.safetensors`: trainable head weights (`base_model.<name>`) and, for a full training
   state, the prefix encoder with its MLP (`prefix_encoder.<name>`).
 
-Loading validates the files against the model (layers, KV heads, head dim, shapes, head names) before the
-model is modified.
+Loading validates the files against the model (layers, KV heads, head dim, shapes, dtypes, head names) before
+the model is modified, reads only JSON and safetensors (never pickle), turns a truncated or corrupted file into
+a ValueError naming it, and rolls the model back if anything fails while the adapter is applied.
 """
 
 from __future__ import annotations
@@ -82,16 +83,46 @@ def _mismatch(what: str, expected, got) -> ValueError:
     return ValueError(f"adapter does not fit this model: {what} expected {expected}, got {got}")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"adapter file {path} is not valid JSON (truncated or corrupted?): {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError (not exported stably) or OSError
+        raise ValueError(f"adapter file {path} is not a readable safetensors file (truncated or corrupted?): "
+                         f"{exc}") from None
+    for k, v in tensors.items():
+        if not v.is_floating_point():
+            raise TypeError(f"adapter file {path}: tensor {k!r} must be floating point, got {v.dtype}")
+    return tensors
+
+
+def _field(cfg: dict, key: str, path: str, kind=int):
+    try:
+        return kind(cfg[key])
+    except KeyError:
+        raise ValueError(f"{path} is missing the field {key!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: field {key!r} must be {kind.__name__}, got {cfg[key]!r}") from None
+
+
 def load_adapter(cls, model, adapter_dir, *, is_trainable: bool, backend: str | None):
     d = Path(adapter_dir)
     if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} must hold {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    with open(d / ADAPTER_CONFIG) as f:
-        peft = json.load(f)
-    ours = None
-    if (d / OUR_CONFIG).is_file():
-        with open(d / OUR_CONFIG) as f:
-            ours = json.load(f)
+    peft = _read_json(d / ADAPTER_CONFIG)
+    ours = _read_json(d / OUR_CONFIG) if (d / OUR_CONFIG).is_file() else None
+    if ours is not None and (not isinstance(ours.get("config"), dict) or "groups" not in ours):
+        raise ValueError(f"{d / OUR_CONFIG} must hold the fields 'config' (an object) and 'groups'")
     if peft.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"adapter peft_type expected 'PREFIX_TUNING', got {peft.get('peft_type')!r}")
 
@@ -101,6 +132,8 @@ def load_adapter(cls, model, adapter_dir, *, is_trainable: bool, backend: str | 
         raise ValueError("PEFT encoder-decoder prefix adapters (num_transformer_submodules=2, decoder layers tied) "
                          "are not supported; expected num_transformer_submodules 1, got "
                          f"{peft.get('num_transformer_submodules')}")
+    for key in ("num_layers", "num_attention_heads", "token_dim", "num_virtual_tokens"):
+        _field(peft, key, ADAPTER_CONFIG)
     if int(peft["num_layers"]) != L:
         raise _mismatch("num_layers", L, peft["num_layers"])
     if int(peft["num_attention_heads"]) != H:
@@ -111,14 +144,14 @@ def load_adapter(cls, model, adapter_dir, *, is_trainable: bool, backend: str | 
         raise _mismatch("attention layers per stack", [list(g) for g in layout.groups], ours["groups"])
     P = int(peft["num_virtual_tokens"])
 
-    weights = load_file(str(d / ADAPTER_WEIGHTS))
+    weights = _read_safetensors(d / ADAPTER_WEIGHTS)
     if "prompt_embeddings" not in weights:
         raise ValueError(f"{ADAPTER_WEIGHTS} must hold 'prompt_embeddings', got keys {sorted(weights)}")
     prompt = weights["prompt_embeddings"]
     if tuple(prompt.shape) != (P, L * 2 * H * D):
         raise _mismatch("prompt_embeddings shape [P, L*2*Hkv*D]", (P, L * 2 * H * D), tuple(prompt.shape))
 
-    state = load_file(str(d / OUR_STATE)) if (d / OUR_STATE).is_file() else {}
+    state = _read_safetensors(d / OUR_STATE) if (d / OUR_STATE).is_file() else {}
     encoder_state = {k[len("prefix_encoder."):]: v for k, v in state.items() if k.startswith("prefix_encoder.")}
     head_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
 
@@ -154,17 +187,27 @@ def load_adapter(cls, model, adapter_dir, *, is_trainable: bool, backend: str | 
         if expected != got:
             raise _mismatch("prefix encoder tensors", expected, got)
 
+    # Apply; on any failure undo everything (head weights restored, patch removed): nothing is half-loaded.
+    saved_heads = {k: model_state[k].detach().clone() for k in head_state}
     pm = cls(model, config, layout=layout)
-    with torch.no_grad():
-        if encoder_state:
-            pm.prefix_encoder.load_state_dict(encoder_state)
-        else:
-            pm.prefix_encoder.load_prompt_embeddings(prompt)
-        device = model_device(model)
-        for k, v in head_state.items():
-            module_name, _, leaf = k.rpartition(".")
-            target = model.get_submodule(module_name)
-            getattr(target, leaf).copy_(v.to(device))
+    try:
+        with torch.no_grad():
+            if encoder_state:
+                pm.prefix_encoder.load_state_dict(encoder_state)
+            else:
+                pm.prefix_encoder.load_prompt_embeddings(prompt)
+            device = model_device(model)
+            for k, v in head_state.items():
+                module_name, _, leaf = k.rpartition(".")
+                target = model.get_submodule(module_name)
+                getattr(target, leaf).copy_(v.to(device))
+    except BaseException:
+        with torch.no_grad():
+            for k, v in saved_heads.items():
+                module_name, _, leaf = k.rpartition(".")
+                getattr(model.get_submodule(module_name), leaf).copy_(v)
+        pm.unload()
+        raise
     if not is_trainable:
         for p in pm.prefix_encoder.parameters():
             p.requires_grad_(False)
