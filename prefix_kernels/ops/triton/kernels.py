@@ -12,8 +12,9 @@ import triton.language as tl
 
 from .configs import autotuned_kernel
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals read inside @triton.jit code must be constexpr (the interpreter would accept plain floats).
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

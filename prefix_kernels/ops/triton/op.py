@@ -6,15 +6,15 @@ kernels under TRITON_INTERPRET=1 on CPU tensors for the tests.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .configs import interpreting
+from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, interpreting, plain_tile
 from .kernels import (
-    LOG2E,
     prefix_attn_bwd_dkdv,
     prefix_attn_bwd_dq,
     prefix_attn_bwd_prefix,
@@ -22,6 +22,8 @@ from .kernels import (
     prefix_attn_dropout_mask,
     prefix_attn_fwd,
 )
+
+LOG2E = math.log2(math.e)  # the kernels work in exp2: scores are pre-multiplied by scale * log2(e)
 
 # Upper bound on the row chunks of the deterministic prefix reduction: its fp32 partial buffers are
 # [n_splits, T, Hkv, P, D], so memory stays independent of the batch size.
@@ -119,11 +121,11 @@ def triton_bwd(
     buckets = _buckets(L, S)
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    pre_block = 16 if interpreting() else 64
+    pre_block, _, pre_warps, pre_stages = plain_tile(PREPROCESS_TILE)
     _launch(
         prefix_attn_bwd_preprocess, (triton.cdiv(L, pre_block), B * Hq),
         out, grad_out, delta, *_strides(out), *_strides(grad_out), Hq, L,
-        D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block,
+        D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block, num_warps=pre_warps, num_stages=pre_stages,
     )
 
     dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
@@ -202,7 +204,8 @@ def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: floa
                         device: torch.device | str) -> torch.Tensor:
     """Bool [B, Hq, L, P + S], True where the triton kernels keep a probability for this seed."""
     keep = torch.empty((B, Hq, L, P + S), dtype=torch.int8, device=device)
-    block = 16 if interpreting() else 64
-    grid = (triton.cdiv(L, block), triton.cdiv(P + S, block), B * Hq)
-    prefix_attn_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block, BLOCK_N=block)
+    block_m, block_n, warps, stages = plain_tile(DROPOUT_MASK_TILE)
+    grid = (triton.cdiv(L, block_m), triton.cdiv(P + S, block_n), B * Hq)
+    prefix_attn_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   num_warps=warps, num_stages=stages)
     return keep.bool()

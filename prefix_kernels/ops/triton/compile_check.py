@@ -1,0 +1,435 @@
+"""Static GPU-compile check of the Triton kernels: registers, spills and shared memory without a GPU.
+
+Every shipped kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
+for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the
+"full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward also without
+dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128). The argument types and the integer specializations
+(divisibility by 16, strides equal to 1 as constants) are those of a launch from `op.py` on contiguous
+tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared
+memory ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
+second ptxas run on the PTX when the kernel came from Triton's cache).
+
+    python -m prefix_kernels.ops.triton.compile_check [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
+
+Prints a markdown table and exits 1 if any row spills, exceeds the shared memory of its arch, or fails to
+compile. The kernels must be real JIT functions: under TRITON_INTERPRET (a non-zero value) the check refuses
+to run (exit 2), since the variable has to be absent before the kernels are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+# Dynamic shared memory a block may opt into (bytes).
+SMEM_LIMIT = {80: 166912, 90: 232448}
+DEFAULT_ARCHS = (80, 90)
+AUTOTUNED = {  # TILE_CONFIGS key -> kernel function name in kernels.py
+    "fwd": "prefix_attn_fwd",
+    "bwd_dq": "prefix_attn_bwd_dq",
+    "bwd_dkdv": "prefix_attn_bwd_dkdv",
+    "bwd_prefix": "prefix_attn_bwd_prefix",
+}
+FP32_MAX_D_PAD = 128
+BUCKETS = (64, 128, 256)
+
+# A representative launch: contiguous tensors, GQA, several prefixes, sizes that are not multiples of 16.
+B, HQ, HKV, L, S, P, T = 2, 8, 4, 1000, 1000, 500, 3
+GROUP = HQ // HKV
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # TILE_CONFIGS key, or "bwd_preprocess" / "dropout_mask"
+    dtype: str  # "bf16" or "fp32"
+    dropout: bool
+    d_pad: Optional[int]
+    block_m: int
+    block_n: Optional[int]
+    num_warps: int
+    num_stages: int
+    arch: int
+
+
+@dataclass
+class Row:
+    job: Job
+    registers: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    smem: Optional[int] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+    error_full: Optional[str] = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+
+def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
+    """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
+    from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
+
+    jobs = []
+    for arch in archs:
+        for kernel, buckets in TILE_CONFIGS.items():
+            for d_pad, tiles in sorted(buckets.items()):
+                for bm, bn, w, s in tiles[:1] if quick else tiles:
+                    variants = [("bf16", True)]
+                    if kernel == "fwd":
+                        variants.append(("bf16", False))
+                        if fp32 and d_pad <= FP32_MAX_D_PAD:
+                            variants.append(("fp32", True))
+                    for dtype, dropout in variants:
+                        jobs.append(Job(kernel, dtype, dropout, d_pad, bm, bn, w, s, arch))
+        bm, _, w, s = PREPROCESS_TILE
+        for d_pad in BUCKETS:
+            jobs.append(Job("bwd_preprocess", "bf16", False, d_pad, bm, None, w, s, arch))
+        bm, bn, w, s = DROPOUT_MASK_TILE
+        jobs.append(Job("dropout_mask", "-", True, None, bm, bn, w, s, arch))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments of one launch, as op.py passes them.
+
+
+def _contig(*shape):
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _launch_args(job: Job) -> tuple[str, dict, dict]:
+    """(kernel function name, runtime arguments by name, constexprs by name) of one launch."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(job.dtype, torch.bfloat16)
+
+    def t(dtype=tdt):
+        return MockTensor(dtype)
+
+    D = job.d_pad
+    q_s = _contig(B, HQ, L, D) if D else None
+    kv_s = _contig(B, HKV, S, D) if D else None
+    p_s = _contig(T, HKV, P, D) if D else None
+    kpm_s = _contig(B, S)
+    scalars = dict(scale_log2=0.18033688011112042, dropout_p=0.1, seed=2**61 + 12345)
+    buckets = dict(L_BUCKET=1024, S_BUCKET=1024)
+    tiles = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
+    common = dict(GROUP=GROUP, D=D, D_PAD=D, DROPOUT=job.dropout,
+                  DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32", **tiles)
+
+    def strides(prefix, names, values):
+        return {f"stride_{prefix}{n}": v for n, v in zip(names, values)}
+
+    if job.kernel == "fwd":
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), O=t(),
+                    LSE=t(torch.float32))
+        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
+        args.update(strides("v", "bhsd", kv_s)); args.update(strides("pk", "thpd", p_s))
+        args.update(strides("pv", "thpd", p_s)); args.update(strides("o", "bhld", q_s))
+        args.update(strides("kpm_", "bs", kpm_s))
+        args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
+    elif job.kernel == "bwd_dq":
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), DO=t(),
+                    LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t())
+        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
+        args.update(strides("v", "bhsd", kv_s)); args.update(strides("pk", "thpd", p_s))
+        args.update(strides("pv", "thpd", p_s)); args.update(strides("do", "bhld", q_s))
+        args.update(strides("dq", "bhld", q_s)); args.update(strides("kpm_", "bs", kpm_s))
+        args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
+    elif job.kernel == "bwd_dkdv":
+        args = dict(Q=t(), K=t(), V=t(), KPM=t(torch.uint8), DO=t(), LSE=t(torch.float32),
+                    DELTA=t(torch.float32), DK=t(), DV=t())
+        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
+        args.update(strides("v", "bhsd", kv_s)); args.update(strides("do", "bhld", q_s))
+        args.update(strides("dk", "bhsd", kv_s)); args.update(strides("dv", "bhsd", kv_s))
+        args.update(strides("kpm_", "bs", kpm_s))
+        args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=True, **common)
+    elif job.kernel == "bwd_prefix":
+        args = dict(Q=t(), PK=t(), PV=t(), PIDX=t(torch.int64), DO=t(), LSE=t(torch.float32),
+                    DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32))
+        args.update(strides("q", "bhld", q_s)); args.update(strides("pk", "thpd", p_s))
+        args.update(strides("pv", "thpd", p_s)); args.update(strides("do", "bhld", q_s))
+        args.update(B=B, Hq=HQ, Hkv=HKV, L=L, S=S, P=P, T=T, n_splits=7, **scalars, **buckets)
+        consts = dict(MULTI_PREFIX=True, ATOMIC=False, **common)
+    elif job.kernel == "bwd_preprocess":
+        args = dict(O=t(), DO=t(), DELTA=t(torch.float32))
+        args.update(strides("o", "bhld", q_s)); args.update(strides("do", "bhld", q_s))
+        args.update(Hq=HQ, L=L)
+        consts = dict(D=D, D_PAD=D, BLOCK_M=job.block_m)
+        return "prefix_attn_bwd_preprocess", args, consts
+    elif job.kernel == "dropout_mask":
+        args = dict(KEEP=t(torch.int8), L=L, P=P, S=S, dropout_p=scalars["dropout_p"], seed=scalars["seed"])
+        consts = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
+        return "prefix_attn_dropout_mask", args, consts
+    else:
+        raise ValueError(job.kernel)
+    return AUTOTUNED[job.kernel], args, consts
+
+
+def _ast_source(job: Job):
+    """The ASTSource of a job, specialized like a JIT launch (ints divisible by 16, ints equal to 1)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    from . import kernels
+
+    name, args, consts = _launch_args(job)
+    fn = getattr(kernels, name)
+    from triton.runtime.autotuner import Autotuner
+    if isinstance(fn, Autotuner):
+        fn = fn.fn  # the JITFunction under the autotuner
+    if not hasattr(fn, "arg_names"):
+        raise RuntimeError(f"{name} is not a JITFunction (is TRITON_INTERPRET set?)")
+    missing = set(fn.arg_names) - set(args) - set(consts)
+    extra = (set(args) | set(consts)) - set(fn.arg_names)
+    if missing or extra:
+        raise RuntimeError(f"{name}: launch arguments out of date: missing {sorted(missing)}, extra {sorted(extra)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            signature[arg] = "constexpr"
+            constexprs[arg] = consts[arg]
+            continue
+        ty, spec = native_specialize_impl(CUDABackend, args[arg], False, True, True)
+        signature[arg] = ty
+        if ty == "constexpr":  # an int equal to 1
+            constexprs[arg] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "static_smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict:
+    out = {}
+    for key, pattern in _PTXAS_RE.items():
+        values = [int(v) for v in pattern.findall(log)]
+        if values:
+            out[key] = max(values)
+    return out
+
+
+def _ptxas(arch: int):
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(arch).path
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [_ptxas(arch), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               src, "-o", os.path.join(tmp, "k.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"ptxas failed ({res.returncode}): {res.stderr[-2000:]}")
+        return res.stdout + res.stderr
+
+
+def _resources_path(kernel_hash: str) -> str:
+    from triton import knobs
+    return os.path.join(knobs.cache.dir, "prefix_kernels_compile_check", f"{kernel_hash}.json")
+
+
+def _cached_resources(kernel_hash: str) -> dict:
+    """The ptxas numbers of a kernel found in Triton's cache (its ptxas log is not kept there)."""
+    import json
+    try:
+        with open(_resources_path(kernel_hash)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_resources(kernel_hash: str, info: dict) -> None:
+    import json
+    path = _resources_path(kernel_hash)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def compile_job(job: Job) -> Row:
+    """Compile one job and read its resources (runs in a worker process)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    row = Row(job)
+    start = time.perf_counter()
+    try:
+        src = _ast_source(job)
+        knobs.nvidia.dump_ptxas_log = True
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                    options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        info = parse_ptxas_log(captured.getvalue())
+        if "registers" not in info:  # a cache hit: Triton ran no ptxas this time
+            info = _cached_resources(kernel.hash)
+        if "registers" not in info:
+            info = parse_ptxas_log(_run_ptxas(kernel.asm["ptx"], job.arch))
+        _store_resources(kernel.hash, info)
+        if "registers" not in info:
+            raise RuntimeError("no register count in the ptxas log")
+        row.registers = info["registers"]
+        row.spill_stores = info.get("spill_stores", 0)
+        row.spill_loads = info.get("spill_loads", 0)
+        row.smem = int(kernel.metadata.shared) + info.get("static_smem", 0)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a failing row
+        msg = f"{type(e).__name__}: {e}".strip()
+        row.error = msg.splitlines()[0][:300] if msg else type(e).__name__
+        row.problems.append("compile error")
+        row.seconds = time.perf_counter() - start
+        row.error_full = msg
+        return row
+    row.seconds = time.perf_counter() - start
+    if row.spill_stores or row.spill_loads:
+        row.problems.append("spills")
+    if row.smem > SMEM_LIMIT[job.arch]:
+        row.problems.append(f"smem > {SMEM_LIMIT[job.arch]}")
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table
+
+
+HEADER = ["kernel", "dtype", "DROPOUT", "D_PAD", "BLOCK_M", "BLOCK_N", "warps", "stages", "arch", "registers",
+          "spill stores", "spill loads", "smem bytes", "OK"]
+
+
+def _cell(v):
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    for r in rows:
+        j = r.job
+        ok = "yes" if r.ok else "NO: " + ", ".join(r.problems)
+        cells = [j.kernel, j.dtype, "yes" if j.dropout else "no", _cell(j.d_pad), j.block_m, _cell(j.block_n),
+                 j.num_warps, j.num_stages, f"sm_{j.arch}", _cell(r.registers), _cell(r.spill_stores),
+                 _cell(r.spill_loads), _cell(r.smem), ok]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _order(job: Job):
+    kernels = list(AUTOTUNED) + ["bwd_preprocess", "dropout_mask"]
+    return (kernels.index(job.kernel), job.dtype != "bf16", not job.dropout, job.d_pad or 0, job.arch)
+
+
+def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tuple[list[Row], float]:
+    todo = plan(archs, quick, fp32)
+    start = time.perf_counter()
+    # Slowest first (large tiles, many stages) so the pool does not end on one long compile.
+    by_cost = sorted(todo, key=lambda j: -(j.block_m * (j.block_n or 64) * (j.d_pad or 64) * j.num_stages))
+    rows = []
+
+    def progress(row: Row):
+        rows.append(row)
+        status = "ok" if row.ok else ", ".join(row.problems)
+        print(f"[{len(rows)}/{len(todo)} {time.perf_counter() - start:.0f}s] {row.job.kernel} {row.job.dtype} "
+              f"drop={row.job.dropout} D={row.job.d_pad} {row.job.block_m}x{row.job.block_n} w{row.job.num_warps} "
+              f"s{row.job.num_stages} sm_{row.job.arch}: regs={row.registers} spill={row.spill_stores}/"
+              f"{row.spill_loads} smem={row.smem} {status} ({row.seconds:.0f}s)", file=sys.stderr, flush=True)
+
+    if jobs > 1:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(compile_job, j) for j in by_cost]):
+                progress(fut.result())
+    else:
+        for j in by_cost:
+            progress(compile_job(j))
+    index = {j: i for i, j in enumerate(todo)}
+    rows.sort(key=lambda r: (_order(r.job), index[r.job]))
+    return rows, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefix_kernels.ops.triton.compile_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--quick", action="store_true", help="only the first tile config of each kernel and bucket")
+    parser.add_argument("--fp32", action="store_true",
+                        help=f"also the forward in fp32 with ieee dots at D_PAD <= {FP32_MAX_D_PAD} (slower)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compile processes (default 2)")
+    args = parser.parse_args(argv)
+
+    if interpreting():
+        print("compile_check: TRITON_INTERPRET is set to a non-zero value, so the kernels are interpreter objects "
+              "and cannot be compiled. Run it with the variable unset, e.g. "
+              "`env -u TRITON_INTERPRET python -m prefix_kernels.ops.triton.compile_check`.", file=sys.stderr)
+        return 2
+
+    import triton
+
+    rows, seconds = run_check(tuple(args.arch), args.quick, args.fp32, args.jobs)
+    bad = [r for r in rows if not r.ok]
+    text = (f"Static compile check of the prefix-kernels Triton kernels: triton {triton.__version__}, "
+            f"ptxas {', '.join(sorted({_ptxas(a) for a in args.arch}))}, compiled on a CPU-only machine "
+            f"(no GPU), {len(rows)} kernels in {seconds:.0f} s with {args.jobs} processes.\n"
+            f"Launch specialization: causal, key padding mask, {T} prefixes, dropout (the forward also without "
+            f"dropout{', and fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}); "
+            f"deterministic prefix reduction; "
+            f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD. "
+            f"smem = Triton's dynamic shared memory + ptxas static smem; limits sm_80 {SMEM_LIMIT[80]}, "
+            f"sm_90 {SMEM_LIMIT[90]} bytes.\n\n" + table(rows) + "\n")
+    for r in bad:
+        if r.error:
+            text += f"\n- {r.job}: {r.error_full}\n"
+    text += f"\n{len(rows) - len(bad)}/{len(rows)} OK.\n"
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
