@@ -52,10 +52,20 @@ class Shape:
         """4 * B * Hq * L * visible keys * D for the forward; the backward costs 2.5x that."""
         visible = self.P + (self.S - (self.L - 1) / 2 if self.causal else self.S)
         fwd = 4.0 * self.B * self.Hq * self.L * visible * self.D
-        return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+        return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, requires_grad: bool):
+    if device.startswith("cuda"):  # drawn on the GPU: a decode sweep's K/V are gigabytes
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rnd_cuda(*dims):
+            return torch.randn(*dims, generator=gen, device=device, dtype=dtype).requires_grad_(requires_grad)
+
+        tensors = (rnd_cuda(shape.B, shape.Hq, shape.L, shape.D), rnd_cuda(shape.B, shape.Hkv, shape.S, shape.D),
+                   rnd_cuda(shape.B, shape.Hkv, shape.S, shape.D), rnd_cuda(shape.Hkv, shape.P, shape.D),
+                   rnd_cuda(shape.Hkv, shape.P, shape.D))
+        return tensors, torch.randn(shape.B, shape.Hq, shape.L, shape.D, generator=gen, device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*dims):
@@ -68,20 +78,55 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, requires_grad: bo
     return tensors, grad_out
 
 
+class _Progress:
+    """tqdm's interface, printing a line per item, for machines without tqdm."""
+
+    def __init__(self, items, desc: str):
+        self.items, self.desc, self.note = list(items), desc, ""
+
+    def set_postfix_str(self, note: str) -> None:
+        self.note = note
+
+    def __iter__(self):
+        start = time.time()
+        for i, item in enumerate(self.items):
+            yield item
+            print(f"{self.desc}: {i + 1}/{len(self.items)} {self.note} ({time.time() - start:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+
+def progress(items, desc: str, unit: str = "case"):
+    """A progress bar on stderr over `items` (tqdm when installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Progress(items, desc)
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1) -> dict:
-    """Milliseconds per call: {name: (median, p20, p80)}, the calls alternating rep by rep."""
-    for fn in calls.values():
+def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1, setups: dict | None = None) -> dict:
+    """Milliseconds per call: {name: (median, p20, p80)}, the calls alternating rep by rep.
+
+    `setups[name]`, when given, runs untimed before every call of `calls[name]` (e.g. the forward whose
+    backward is timed)."""
+    setups = setups or {}
+    for name, fn in calls.items():
         for _ in range(warmup):
+            if name in setups:
+                setups[name]()
             fn()
     synchronize(device)
     samples = {name: [] for name in calls}
     for _ in range(reps):
         for name, fn in calls.items():
+            if name in setups:
+                setups[name]()
+                synchronize(device)
             if device.startswith("cuda"):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -111,8 +156,11 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def peak_memory_mib(fn, device: str) -> float:
-    """Peak memory one call of `fn` adds on top of what is allocated before it (see the module docstring)."""
+def peak_memory_mib(fn, device: str, setup=None) -> float:
+    """Peak memory one call of `fn` adds on top of what is allocated before it (see the module docstring);
+    `setup` runs first, its allocations counted as "before"."""
+    if setup is not None:
+        setup()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -145,6 +193,45 @@ def machine_description(device: str) -> str:
     return f"{hw}; torch {torch.__version__}"
 
 
+# Dense peak TFLOP/s by GPU name fragment: (fp16/bf16 tensor cores, tf32 tensor cores, fp32 without them).
+_PEAKS = [("H200", (989.0, 494.0, 67.0)), ("H100", (989.0, 494.0, 67.0)), ("H800", (989.0, 494.0, 67.0)),
+          ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.0, 183.0, 91.6)), ("A10", (125.0, 62.5, 31.2)),
+          ("4090", (165.0, 82.6, 82.6)), ("V100", (125.0, 15.7, 15.7))]
+
+
+def device_peak_tflops(device: str, dtype: torch.dtype) -> float | None:
+    """The device's dense peak for `dtype` (None on CPU or an unknown GPU): % of peak = achieved / this."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, (half, tf32, fp32) in _PEAKS:
+        if fragment in name:
+            if dtype in (torch.float16, torch.bfloat16):
+                return half
+            return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
+    return None
+
+
+def versions() -> str:
+    """torch, triton, transformers, peft, flash-attn versions (those importable)."""
+    import importlib.metadata as md
+
+    parts = []
+    for pkg in ("torch", "triton", "transformers", "peft", "flash-attn"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        parts.append(f"cuda {torch.version.cuda}")
+    return "; ".join(parts)
+
+
+def results_dir(out: str | None = None) -> str:
+    """Where results go: `out`, else $PREFIX_KERNELS_RESULTS, else benchmarks/results/."""
+    return out or os.environ.get("PREFIX_KERNELS_RESULTS") or RESULTS
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -158,13 +245,32 @@ def utc_stamp() -> str:
 
 
 def append_csv(path: str, rows: list[dict]) -> None:
+    """Append `rows`; when their columns differ from the file's header, rewrite the file with the union of
+    columns (older rows get empty cells), so that old results are never misaligned."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    old_rows, old_fields = [], None
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = reader.fieldnames
+            if old_fields is not None and list(old_fields) != fields:
+                old_rows = list(reader)
+    if old_fields is not None and list(old_fields) == fields:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerows(rows)
+        return
+    if old_fields:
+        fields = list(dict.fromkeys(list(old_fields) + fields))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -1,30 +1,39 @@
-"""The main job until the end-to-end demo exists: time and peak memory of every available backend of
-`prefix_attention` against `reference` (expand + cat + softmax, what PEFT does), for a few shapes.
+"""The main job: time and peak memory of every available backend of `prefix_attention` and of what users have
+today (benchmarks/baselines.py: sdpa-expand, sdpa-concat, flex, flash-attn) against `reference` (expand + cat
++ softmax, what PEFT does), measured side by side in one process, forward, backward and forward+backward.
 
     python benchmarks/microbench.py [--device cpu|cuda] [--dtype float32 bfloat16] [--reps N] [--quick]
+                                    [--sweep] [--modes fwd bwd fwd+bwd] [--baselines ...] [--out DIR]
 
-Prints a table, appends rows to benchmarks/results/microbench.csv (machine, versions, commit) and writes
-benchmarks/results/microbench_<device>.md. The triton backend is measured on CUDA only (on CPU it would run
-in Triton's interpreter, which is for tests, not speed).
+Default shapes: three (NLU, causal LM, decode); `--sweep` runs the issue's sweep (Llama-8B-like layers over
+L and P, GQA ratio and head dim, P-Tuning v2 NLU over P, decode over S and B; fp16/bf16 on GPU);
+`--quick`: the first shape, one dtype, 2 reps (a smoke test, no timing claim). Decode (L = 1) is timed
+forward only. Prints a table and progress, appends rows to <out>/microbench.csv (machine, versions, commit;
+default out: benchmarks/results/ or $PREFIX_KERNELS_RESULTS) and writes <out>/microbench_<device>.md.
+The triton backend is measured on CUDA only (on CPU it would run in Triton's interpreter, which is for
+tests, not speed). A method that cannot run a case (not installed, out of memory, an error) is skipped and
+the reason logged and written under the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    RESULTS, Shape, append_csv, git_commit, machine_description, make_inputs, markdown_table, peak_memory_mib,
-    reexec_with_malloc_settings, time_side_by_side, utc_stamp,
+    Shape, append_csv, device_peak_tflops, git_commit, machine_description, make_inputs, markdown_table,
+    peak_memory_mib, progress, reexec_with_malloc_settings, results_dir, synchronize, time_side_by_side,
+    utc_stamp, versions,
 )
 
 reexec_with_malloc_settings()
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
+import baselines  # noqa: E402
 import prefix_kernels  # noqa: E402
 from prefix_kernels.ops.dispatch import available_backends  # noqa: E402
 
@@ -40,12 +49,37 @@ GPU_SHAPES = [
 ]
 
 
+def gpu_sweep() -> list[Shape]:
+    """The issue's sweep: Llama-8B-like layers (Hq 32, Hkv 8, D 128, L 2048-8192, P 16-128, B*L = 16k
+    tokens), GQA ratio and head dim at L 4096, P-Tuning v2 NLU (BERT-base/large heads, L 128, B 32, P 8-224),
+    decode (L 1, S 2048-32768, B 1-64)."""
+    llama = [Shape("llama-8b", 16384 // L, 32, 8, L, L, P, 128, causal=True)
+             for L in (2048, 4096, 8192) for P in (16, 64, 128)]
+    gqa = [Shape(f"gqa {32 // hkv}:1 D{d}", 4, 32, hkv, 4096, 4096, 64, d, causal=True)
+           for hkv in (32, 8, 1) for d in (64, 128) if not (hkv == 8 and d == 128)]
+    nlu = [Shape(name, 32, h, h, 128, 128, P, 64, causal=False)
+           for name, h in (("bert-base", 12), ("bert-large", 16)) for P in (8, 32, 64, 128, 224)]
+    decode = [Shape("decode", B, 32, 8, 1, S, 64, 128, causal=True) for S in (2048, 8192, 32768) for B in (1, 16, 64)]
+    return llama + gqa + nlu + decode
+
+
+def cpu_sweep() -> list[Shape]:
+    """What a 2-core CPU can sweep in minutes: NLU over P, causal over L and GQA, decode over S and B."""
+    nlu = [Shape(name, 8, h, h, 128, 128, P, 64, causal=False)
+           for name, h in (("bert-base", 12), ("bert-large", 16)) for P in (16, 64, 224)]
+    causal = [Shape(f"causal-lm GQA {8 // hkv}:1", 1, 8, hkv, L, L, 64, 64, causal=True)
+              for L in (512, 1024) for hkv in (8, 2)]
+    decode = [Shape("decode", B, 8, 2, 1, S, 64, 64, causal=True) for S in (2048, 8192) for B in (1, 16)]
+    return nlu + causal + decode
+
+
 def clear_grads(tensors) -> None:
     for t in tensors:
         t.grad = None
 
 
 def run_once(backend, tensors, grad_out, shape, mode):
+    """One call of a prefix_kernels backend (kept for callers of the earlier API)."""
     clear_grads(tensors)
     if mode == "fwd":
         with torch.no_grad():
@@ -54,75 +88,202 @@ def run_once(backend, tensors, grad_out, shape, mode):
         prefix_kernels.prefix_attention(*tensors, causal=shape.causal, backend=backend).backward(grad_out)
 
 
-def measure(shapes, dtypes, backends, device, reps, modes=("fwd", "fwd+bwd")) -> tuple[list[dict], list[list]]:
-    """Times and peak memory of `backends` side by side; returns CSV rows and markdown table rows."""
-    machine, stamp, commit = machine_description(device), utc_stamp(), git_commit()
+def _calls(method: baselines.Method, grad_out, mode: str):
+    """(setup or None, timed call) for one method and mode."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                method.forward()
+        return None, fwd
+    if mode == "fwd+bwd":
+        def fwd_bwd():
+            clear_grads(method.leaves)
+            method.forward().backward(grad_out)
+        return None, fwd_bwd
+    state = {}
+
+    def setup():
+        clear_grads(method.leaves)
+        state["out"] = method.forward()
+
+    def bwd():
+        state.pop("out").backward(grad_out)
+    return setup, bwd
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def modes_for(shape: Shape, modes) -> tuple[str, ...]:
+    return ("fwd",) if shape.L == 1 else tuple(modes)
+
+
+def measure(shapes, dtypes, backends, device, reps, modes=("fwd", "fwd+bwd"), methods_extra=(), quick=False,
+            skipped=None, on_rows=None) -> tuple[list[dict], list[list]]:
+    """Times and peak memory of `backends` (prefix_kernels) and `methods_extra` (baselines.BASELINES) side by
+    side; returns CSV rows and markdown table rows. Reasons for skipped methods are appended to `skipped`;
+    `on_rows(rows)` gets each case's rows as soon as they are measured. Ctrl-C / SIGINT (e.g. `timeout -s INT`)
+    stops the sweep and returns what was measured."""
     rows, table = [], []
-    work = [(s, d, m) for d in dtypes for s in shapes for m in modes]
-    for shape, dtype_name, mode in tqdm(work, desc="benchmark", unit="case", file=sys.stderr):
-        dtype = getattr(torch, dtype_name)
-        tensors, grad_out = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
-        calls = {b: (lambda b=b: run_once(b, tensors, grad_out, shape, mode)) for b in backends}
-        times = time_side_by_side(calls, device, reps)
-        memory = {}
-        for b in backends:
-            clear_grads(tensors)  # so that freeing the last call's gradients does not offset the peak
-            memory[b] = peak_memory_mib(calls[b], device)
-        ref_ms, ref_mib = times["reference"][0], memory["reference"]
-        for b in backends:
-            ms, p20, p80 = times[b]
-            tflops = shape.attention_flops(mode) / (ms * 1e-3) / 1e12
-            rows.append(dict(timestamp=stamp, machine=machine, commit=commit, device=device, dtype=dtype_name,
-                             shape=shape.name, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, L=shape.L, S=shape.S,
-                             P=shape.P, D=shape.D, causal=shape.causal, mode=mode, backend=b, ms=round(ms, 4),
-                             p20_ms=round(p20, 4), p80_ms=round(p80, 4),
-                             speedup_vs_reference=round(ref_ms / ms, 3), tflops=round(tflops, 4),
-                             peak_mib=round(memory[b], 2), memory_saved_mib=round(ref_mib - memory[b], 2)))
-            table.append([dtype_name, shape.label(), mode, b, f"{ms:.2f} ({p20:.2f}-{p80:.2f})",
-                          f"{ref_ms / ms:.2f}x", f"{tflops:.3f}", f"{memory[b]:.1f}", f"{ref_mib:.1f}"])
+    try:
+        _measure(shapes, dtypes, backends, device, reps, modes, methods_extra, quick,
+                 [] if skipped is None else skipped, on_rows, rows, table)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: keeping the {len(rows)} rows measured so far", file=sys.stderr)
     return rows, table
 
 
-TABLE_HEADER = ["dtype", "shape", "mode", "backend", "ms median (p20-p80)", "vs reference", "TFLOP/s", "peak MiB",
-                "reference peak MiB"]
+def _measure(shapes, dtypes, backends, device, reps, modes, methods_extra, quick, skipped, on_rows, rows, table):
+    machine, stamp, commit, vers = machine_description(device), utc_stamp(), git_commit(), versions()
+    work = [(s, d, m) for d in dtypes for s in shapes for m in modes_for(s, modes)]
+    bar = progress(work, "benchmark")
+    for shape, dtype_name, mode in bar:
+        first = len(rows)
+        bar.set_postfix_str(f"{dtype_name} {shape.name} L={shape.L} S={shape.S} P={shape.P} {mode}")
+        dtype = getattr(torch, dtype_name)
+        tensors, grad_out = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
+        names = list(backends)
+        for b in methods_extra:
+            reason = baselines.unavailable_reason(b, device, dtype, quick, mode)
+            if reason is None:
+                names.append(b)
+            else:
+                _skip(skipped, b, None, None, reason)
+        setups, calls = {}, {}
+        for name in names:
+            try:
+                method = baselines.build(name, tensors, shape.causal)
+                setup, call = _calls(method, grad_out, mode)
+                if setup:
+                    setup()
+                call()  # a first call (compiles, autotunes) that also tells whether it runs at all
+                synchronize(device)
+            except Exception as e:  # noqa: BLE001 - a baseline failing must not stop the sweep
+                _skip(skipped, name, shape, f"{dtype_name} {mode}", ("out of memory" if _is_oom(e) else
+                                                                     f"{type(e).__name__}: {_first_line(e)}"))
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            calls[name] = call
+            if setup:
+                setups[name] = setup
+        if not calls:
+            continue
+        times = time_side_by_side(calls, device, reps, setups=setups)
+        memory = {}
+        for name in calls:
+            clear_grads(tensors)  # so that freeing the last call's gradients does not offset the peak
+            memory[name] = peak_memory_mib(calls[name], device, setup=setups.get(name))
+        ref_ms = times["reference"][0] if "reference" in times else float("nan")
+        ref_mib = memory.get("reference", float("nan"))
+        peak = device_peak_tflops(device, dtype)
+        for name in calls:
+            ms, p20, p80 = times[name]
+            tflops = shape.attention_flops(mode) / (ms * 1e-3) / 1e12
+            pct = "" if peak is None else round(100 * tflops / peak, 2)
+            rows.append(dict(timestamp=stamp, machine=machine, versions=vers, commit=commit, device=device,
+                             dtype=dtype_name, shape=shape.name, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, L=shape.L,
+                             S=shape.S, P=shape.P, D=shape.D, causal=shape.causal, mode=mode, backend=name,
+                             ms=round(ms, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+                             speedup_vs_reference=round(ref_ms / ms, 3), tflops=round(tflops, 4), pct_peak=pct,
+                             peak_mib=round(memory[name], 2), memory_saved_mib=round(ref_mib - memory[name], 2),
+                             reps=reps))
+            table.append([dtype_name, shape.label(), mode, name, f"{ms:.3f} ({p20:.3f}-{p80:.3f})",
+                          f"{ref_ms / ms:.2f}x", f"{tflops:.3f}" + ("" if pct == "" else f" ({pct}%)"),
+                          f"{memory[name]:.1f}", f"{ref_mib - memory[name]:.1f}"])
+        if on_rows is not None:
+            on_rows(rows[first:])
+        del tensors, grad_out, calls, setups
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
-def record(rows, table, csv_name: str, md_name: str, title: str, reps: int) -> None:
-    append_csv(os.path.join(RESULTS, csv_name), rows)
-    with open(os.path.join(RESULTS, md_name), "w") as f:
-        f.write(f"# {title}\n\n{rows[0]['machine']}; commit {rows[0]['commit']}; {rows[0]['timestamp']}; "
-                f"{reps} timed calls per backend, backends alternating, median (p20-p80).\n"
-                "Peak memory: what one call adds on top of its inputs (benchmarks/common.py).\n\n")
+def _skip(skipped: list, name, shape, case, reason) -> None:
+    line = f"{name}: {reason}" if shape is None else f"{name} on {shape.label()} {case}: {reason}"
+    if line not in skipped:
+        skipped.append(line)
+        print(f"skipped {line}", file=sys.stderr)
+
+
+TABLE_HEADER = ["dtype", "shape", "mode", "backend", "ms median (p20-p80)", "vs reference",
+                "TFLOP/s (% of peak)", "peak MiB", "MiB saved vs reference"]
+
+
+def record(rows, table, csv_name: str, md_name: str, title: str, reps: int, out: str | None = None,
+           skipped=(), append: bool = True) -> None:
+    out = results_dir(out)
+    os.makedirs(out, exist_ok=True)
+    if append:
+        append_csv(os.path.join(out, csv_name), rows)
+    with open(os.path.join(out, md_name), "w") as f:
+        f.write(f"# {title}\n\n{rows[0]['machine']}; {rows[0].get('versions', '')}; commit {rows[0]['commit']}; "
+                f"{rows[0]['timestamp']}; {reps} timed calls per method, methods alternating, median (p20-p80).\n"
+                "Peak memory: what one call adds on top of its inputs (benchmarks/common.py); for `bwd`, on top "
+                "of the inputs and the forward's saved tensors.\n\n")
         f.write(markdown_table(TABLE_HEADER, table))
-    print(f"appended {len(rows)} rows to benchmarks/results/{csv_name}, wrote benchmarks/results/{md_name}")
+        if skipped:
+            f.write("\nSkipped:\n\n" + "".join(f"- {line}\n" for line in skipped))
+    print(f"appended {len(rows)} rows to {os.path.join(out, csv_name)}, wrote {os.path.join(out, md_name)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", nargs="+", default=None, help="default: float32 bfloat16 (CPU), bfloat16 (CUDA)")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per backend (default 5 CPU, 20 CUDA)")
+    ap.add_argument("--dtype", nargs="+", default=None,
+                    help="default: float32 bfloat16 (CPU), bfloat16 (CUDA; bfloat16 float16 with --sweep)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per method (default 5 CPU, 20 CUDA)")
     ap.add_argument("--quick", action="store_true", help="one shape, one dtype, 2 reps (a smoke test)")
+    ap.add_argument("--sweep", action="store_true", help="the full sweep of shapes (see gpu_sweep/cpu_sweep)")
+    ap.add_argument("--modes", nargs="+", default=None, choices=("fwd", "bwd", "fwd+bwd"),
+                    help="default: fwd bwd fwd+bwd (fwd fwd+bwd with --quick)")
+    ap.add_argument("--baselines", nargs="*", default=list(baselines.BASELINES),
+                    help=f"baselines besides the prefix_kernels backends (default: {' '.join(baselines.BASELINES)})")
+    ap.add_argument("--backends", nargs="*", default=None, help="prefix_kernels backends (default: all available)")
+    ap.add_argument("--only", default=None, help="keep the shapes whose name contains this (case-insensitive)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default $PREFIX_KERNELS_RESULTS or benchmarks/results)")
+    ap.add_argument("--tag", default="", help="suffix of the CSV/markdown names, e.g. _sweep")
     ap.add_argument("--no-record", action="store_true", help="print only; write nothing under results/")
     args = ap.parse_args()
     device = args.device
     gpu = device.startswith("cuda")
-    shapes = GPU_SHAPES if gpu else CPU_SHAPES
-    dtypes = args.dtype or (["bfloat16"] if gpu else ["float32", "bfloat16"])
+    shapes = (gpu_sweep() if gpu else cpu_sweep()) if args.sweep else (GPU_SHAPES if gpu else CPU_SHAPES)
+    dtypes = args.dtype or ((["bfloat16", "float16"] if args.sweep else ["bfloat16"]) if gpu
+                            else ["float32", "bfloat16"])
     reps = args.reps or (20 if gpu else 5)
+    modes = args.modes or ["fwd", "bwd", "fwd+bwd"]
+    if args.only:
+        shapes = [s for s in shapes if args.only.lower() in s.name.lower()]
     if args.quick:
-        shapes, dtypes, reps = shapes[:1], dtypes[:1], 2
-    backends = [b for b in available_backends(device) if gpu or b != "triton"]
-    print(f"{machine_description(device)}; prefix_kernels {prefix_kernels.__version__} ({git_commit()}); "
-          f"backends: {', '.join(backends)}")
+        shapes, dtypes, reps = shapes[:1], dtypes[:1], args.reps or 2
+        modes = args.modes or ["fwd", "fwd+bwd"]
+    backends = args.backends if args.backends is not None else [
+        b for b in available_backends(device) if gpu or b != "triton"]
+    if "reference" not in backends:
+        backends = backends + ["reference"]  # every ratio is against it
+    print(f"{machine_description(device)}; {versions()}; prefix_kernels {prefix_kernels.__version__} "
+          f"({git_commit()}); backends: {', '.join(backends)}; baselines: {', '.join(args.baselines) or 'none'}")
     if backends == ["reference"]:
         print("Only the reference backend is available here: build the C++ extension (see README) or use a GPU.")
-    rows, table = measure(shapes, dtypes, backends, device, reps)
+    skipped: list[str] = []
+    csv_path = os.path.join(results_dir(args.out), f"microbench{args.tag}.csv")
+    on_rows = None if args.no_record else (lambda new: append_csv(csv_path, new) if new else None)
+    rows, table = measure(shapes, dtypes, backends, device, reps, modes, args.baselines, args.quick, skipped,
+                          on_rows)
     print(markdown_table(TABLE_HEADER, table))
-    if not args.no_record:
+    if not args.no_record and rows:
         name = "cuda" if gpu else "cpu"
-        record(rows, table, "microbench.csv", f"microbench_{name}.md", f"prefix_attention microbenchmark ({name})",
-               reps)
+        record(rows, table, f"microbench{args.tag}.csv", f"microbench_{name}{args.tag}.md",
+               f"prefix_attention microbenchmark ({name}{', sweep' if args.sweep else ''})", reps, args.out, skipped,
+               append=False)
+        with open(os.path.join(results_dir(args.out), f"microbench_{name}{args.tag}.json"), "w") as f:
+            json.dump({"rows": rows, "skipped": skipped}, f, indent=1)
 
 
 if __name__ == "__main__":
