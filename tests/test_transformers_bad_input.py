@@ -178,7 +178,7 @@ def test_malformed_model_inputs_raise_and_leave_the_model_usable():
     model keeps working afterwards."""
     pm = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=2))
     ids = tokens(2, 5)
-    with pytest.raises(RuntimeError, match="must match the size"):
+    with pytest.raises(ValueError, match=r"expected batch 2, got attention_mask of shape \(3, 5\)"):
         pm(input_ids=ids, attention_mask=torch.ones(3, 5))  # mask batch != input batch
     with pytest.raises(RuntimeError, match="indices"):
         pm(input_ids=ids.float())

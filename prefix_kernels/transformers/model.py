@@ -163,6 +163,7 @@ class PrefixModel(nn.Module):
         return out
 
     def _pre_forward(self, module, args, kwargs):
+        self._check_mask_batch(self._as_kwargs(args, kwargs))
         style = self.layout.position_style
         if style in ("position_ids", "roberta"):
             kwargs = self._as_kwargs(args, kwargs)
@@ -172,6 +173,14 @@ class PrefixModel(nn.Module):
                 kwargs["position_ids"] = positions
         self._state.enter()
         return args, kwargs
+
+    @staticmethod
+    def _check_mask_batch(kw: dict) -> None:
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        mask = kw.get("attention_mask")
+        if ref is not None and isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[0] != ref.shape[0]:
+            raise ValueError(f"attention_mask must have one row per sequence: expected batch {ref.shape[0]}, "
+                             f"got attention_mask of shape {tuple(mask.shape)}")
 
     def _pre_encoder(self, module, args, kwargs):
         self._state.enter()
