@@ -216,7 +216,38 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuses impossible options before anything is loaded (argparse's error: usage, message, exit 2)."""
+    from prefix_kernels.ops.dispatch import BACKENDS
+
+    minimum = {"prompt_length": 1, "batch_size": 1, "max_length": 1, "train_size": 0, "eval_size": 0,
+               "compare_steps": 0}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    for name in ("epochs", "lr"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.backend is not None and args.backend not in BACKENDS:
+        parser.error(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model must be a folder with a transformers config.json, got {args.model!r}")
+    if args.data is not None and not Path(args.data).is_file():
+        parser.error(f"--data must be a CSV file (optionally .bz2), got {args.data!r}")
 
 
 def _mb(x: float) -> str:

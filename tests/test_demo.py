@@ -108,3 +108,28 @@ def test_demo_packages_provide_model_and_data():
     assert (demo.default_model_path() / "config.json").is_file()
     tr, va, te = demo.load_rotten_tomatoes(demo.default_data_path())
     assert len(tr) + len(va) + len(te) == 12808
+
+
+BAD_OPTIONS = [
+    (["--prompt-length", "0"], "--prompt-length must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-length", "-3"], "--max-length must be >= 1"),
+    (["--train-size", "-1"], "--train-size must be >= 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--backend", "tpu"], "--backend must be one of"),
+    (["--device", "gpu0"], "--device must be cpu or cuda"),
+    (["--model", "/nonexistent/model"], "--model must be a folder with a transformers config.json"),
+    (["--data", "/nonexistent/data.csv"], "--data must be a CSV file"),
+    (["--pooling", "max"], "invalid choice"),
+    (["--epochs", "many"], "invalid float value"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_OPTIONS, ids=[a[0] for a, _ in BAD_OPTIONS])
+def test_cli_refuses_bad_options_before_loading_anything(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
