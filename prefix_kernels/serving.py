@@ -19,19 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from .config import PrefixTuningConfig
-from .ops import prefix_attention
-from .transformers.attention import PrefixMask, prefix_mask_function
 from .transformers.model import PrefixModel
-
-MULTI_ATTN_IMPLEMENTATION = "prefix_kernels_multi"
 
 
 class _BankState:
-    """Like `PrefixState`, for a fixed bank `[L, 2, T, Hkv, P, D]` and the current batch's `prefix_index`."""
+    """Like `PrefixState`, for a fixed bank `[L, 2, T, Hkv, P, D]` and the current batch's `prefix_index` (which
+    the "prefix_kernels" attention function passes to the op)."""
 
     def __init__(self, backend: str | None):
         self.backend = backend
@@ -46,36 +41,6 @@ class _BankState:
 
     def layer_prefix(self, slot: int):
         return self.kv[slot, 0], self.kv[slot, 1]
-
-
-def multi_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    binding = getattr(module, "_prefix_kernels", None)
-    state = getattr(binding, "state", None)
-    if not isinstance(state, _BankState):
-        raise RuntimeError(f"attention implementation {MULTI_ATTN_IMPLEMENTATION!r} is set on a module that is not "
-                           "part of a MultiPrefixModel")
-    if state.prefix_index is None:
-        raise ValueError("MultiPrefixModel needs prefix_index=[batch] or adapter_names=[...] in forward/generate")
-    if isinstance(attention_mask, PrefixMask):
-        padding, causal = attention_mask.key_padding_mask, attention_mask.causal
-    elif attention_mask is None:
-        padding, causal = None, bool(getattr(module, "is_causal", True))
-    else:
-        raise TypeError(f"unexpected attention mask {type(attention_mask).__name__}")
-    B = query.shape[0]
-    index = state.prefix_index
-    if index.shape[0] != B:
-        raise ValueError(f"prefix_index has {index.shape[0]} rows but the batch has {B} (generate with beams or "
-                         "num_return_sequences expands the batch: pass the expanded prefix_index)")
-    prefix_k, prefix_v = state.layer_prefix(binding.slot)
-    out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-                           key_padding_mask=None if padding is None else padding.to(query.device),
-                           scale=scaling, prefix_index=index.to(query.device), backend=state.backend)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(MULTI_ATTN_IMPLEMENTATION, multi_prefix_attention_forward)
-AttentionMaskInterface.register(MULTI_ATTN_IMPLEMENTATION, prefix_mask_function)
 
 
 class MultiPrefixModel(PrefixModel):
@@ -109,7 +74,6 @@ class MultiPrefixModel(PrefixModel):
         self.register_buffer("prefix_bank", bank, persistent=False)
         self._state.kv = bank
         self.adapter_names = names
-        model.set_attn_implementation(MULTI_ATTN_IMPLEMENTATION)
         self.forward = functools.partial(MultiPrefixModel.forward, self)
 
     def _patch(self) -> None:
@@ -121,16 +85,18 @@ class MultiPrefixModel(PrefixModel):
     def from_pretrained(cls, model: nn.Module, adapters: dict, *, backend: str | None = None) -> "MultiPrefixModel":
         """`adapters`: name -> folder written by `save_pretrained` / `export_merged` (or by PEFT prefix tuning).
         Every adapter must have the same P; heads saved with them are not used (serving shares one model)."""
-        import json
-
-        from safetensors.torch import load_file
+        from .transformers.adapter import _read_json, _read_safetensors
 
         embeds, offsets = {}, set()
         for name, d in adapters.items():
             d = Path(d)
-            embeds[name] = load_file(str(d / "adapter_model.safetensors"))["prompt_embeddings"]
+            tensors = _read_safetensors(d / "adapter_model.safetensors")
+            if "prompt_embeddings" not in tensors:
+                raise ValueError(f"adapter {name!r}: {d / 'adapter_model.safetensors'} has no 'prompt_embeddings'")
+            embeds[name] = tensors["prompt_embeddings"]
             ours = d / "prefix_kernels_config.json"
-            offsets.add(json.loads(ours.read_text())["config"].get("position_offset", True) if ours.is_file() else True)
+            config = _read_json(ours).get("config", {}) if ours.is_file() else {}
+            offsets.add(config.get("position_offset", True))
         if len(offsets) != 1:
             raise ValueError("all adapters must use the same position_offset")
         return cls(model, embeds, position_offset=offsets.pop(), backend=backend)

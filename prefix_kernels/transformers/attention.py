@@ -119,11 +119,18 @@ def prefix_attention_forward(
         padding = padding.to(query.device)
 
     prefix_k, prefix_v = binding.state.layer_prefix(binding.slot)
+    # A state serving several prefixes (MultiPrefixModel) says which one each row reads.
+    prefix_index = getattr(binding.state, "prefix_index", None)
+    if prefix_index is not None:
+        if prefix_index.shape[0] != B:
+            raise ValueError(f"prefix_index has {prefix_index.shape[0]} rows but the batch has {B} (generate "
+                             "with beams or num_return_sequences expands the batch: pass the expanded prefix_index)")
+        prefix_index = prefix_index.to(query.device)
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
         causal=causal, key_padding_mask=padding,
         scale=scaling, dropout_p=float(dropout) if module.training else 0.0,
-        backend=binding.state.backend,
+        prefix_index=prefix_index, backend=binding.state.backend,
     )
     return out.transpose(1, 2).contiguous(), None
 
