@@ -31,7 +31,7 @@ def free_port() -> int:
 def build():
     """A tiny Llama with a reparameterized prefix (MLP) on every layer; identical in every process."""
     import prefix_kernels as pk
-    from test_transformers_utils import llama
+    from tiny_models import llama
 
     model = llama()
     torch.manual_seed(1)
@@ -40,7 +40,7 @@ def build():
 
 
 def batch(step: int):
-    from test_transformers_utils import tokens
+    from tiny_models import tokens
 
     ids = tokens(BATCH, SEQ, seed=100 + step)
     mask = torch.ones_like(ids)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prefix_kernels import PTuningConfig, PTuningModel, PromptEncoder
-from test_transformers_utils import VOCAB, llama
+from tiny_models import VOCAB, llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

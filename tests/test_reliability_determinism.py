@@ -113,7 +113,7 @@ def test_triton_non_deterministic_mode_is_opt_in():
 def test_model_training_step_is_bitwise_repeatable():
     """A prefix-tuned model: loss and prefix gradients of one step, twice, bit for bit (cpu default)."""
     import prefix_kernels as pk
-    from test_transformers_utils import llama, tokens
+    from tiny_models import llama, tokens
 
     results = []
     for _ in range(2):

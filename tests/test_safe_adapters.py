@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import prefix_kernels as pk
 from prefix_kernels.transformers import adapter
-from test_transformers_utils import bert, llama, randomize_prefix, tokens
+from tiny_models import bert, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

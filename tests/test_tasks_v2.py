@@ -8,7 +8,7 @@ import torch
 import prefix_kernels as pk
 from prefix_kernels.serving import MultiPrefixModel
 from prefix_kernels.tasks import PrefixTaskModel
-from test_transformers_utils import bert, llama, randomize_prefix, tokens
+from tiny_models import bert, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from test_transformers_utils import llama, randomize_prefix, tokens
+from tiny_models import llama, randomize_prefix, tokens
 
 import prefix_kernels as pk
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from test_transformers_utils import bert, gpt2, llama, tokens
+from tiny_models import bert, gpt2, llama, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from test_transformers_utils import bart, bert, fresh, gpt2, llama, randomize_prefix, roberta, tokens
+from tiny_models import bart, bert, fresh, gpt2, llama, randomize_prefix, roberta, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

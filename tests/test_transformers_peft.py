@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from test_transformers_utils import fresh, gpt2, llama, randomize_prefix, tokens
+from tiny_models import fresh, gpt2, llama, randomize_prefix, tokens
 
 peft = pytest.importorskip("peft")
 

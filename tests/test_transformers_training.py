@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from test_transformers_utils import bert, fresh, llama, randomize_prefix, tokens
+from tiny_models import bert, fresh, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
