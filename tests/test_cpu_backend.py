@@ -14,6 +14,7 @@ from attention_cases import SWEEP, Case, assert_matches_reference, make_inputs, 
 
 from prefix_kernels import prefix_attention, reference_prefix_attention
 from prefix_kernels.ops import cpp
+from prefix_kernels.ops.dropout import draw_seed
 from prefix_kernels.ops.masks import visible_keys
 
 _REASON = cpp.unavailable_reason("cpu")
@@ -114,7 +115,7 @@ def test_dropout_replays_through_reference(T):
     torch.manual_seed(123)
     got_out, got = cpu_grads(data, dropout_p=p)
     torch.manual_seed(123)  # the wrapper draws its seed from torch's generator
-    mask = cpp.cpp_dropout_mask(case.B, case.Hq, case.L, case.P, case.S, p, int(torch.randint(0, 2**62, (1,))))
+    mask = cpp.cpp_dropout_mask(case.B, case.Hq, case.L, case.P, case.S, p, draw_seed(p))
     want_out, want = run_with_grads(reference_prefix_attention, data["tensors"],
                                     {**data["kwargs"], "dropout_p": p, "dropout_mask": mask}, data["grad_out"],
                                     dtype=torch.float64)

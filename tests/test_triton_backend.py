@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prefix_kernels
-from prefix_kernels.ops.triton.op import draw_seed, triton_dropout_mask
+from prefix_kernels.ops.dropout import draw_seed
+from prefix_kernels.ops.triton.op import triton_dropout_mask
 
 CPU_DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from .dropout import draw_seed
+
 BUILD_HINT = (
     "build the C++ extension: pip install --no-build-isolation -e . "
     "(needs a C++ compiler; the cuda backend also needs a CUDA build of torch and CUDA_HOME)"
@@ -125,7 +127,7 @@ def cpp_prefix_attention(
     (the prefix gradients are reduced in a fixed order, independent of the thread count).
     """
     _require_built()
-    seed = int(torch.randint(0, 2**62, (1,))) if dropout_p > 0.0 else 0
+    seed = draw_seed(dropout_p)
     out, _lse = torch.ops.prefix_kernels.cpp_fwd(
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, bool(causal), float(scale), float(dropout_p),
         seed,

@@ -13,6 +13,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..dropout import draw_seed
 from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, interpreting, plain_tile
 from .kernels import (
     prefix_attn_bwd_dkdv,
@@ -185,11 +186,6 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def draw_seed(dropout_p: float) -> int:
-    """A Philox seed from torch's generator (so torch.manual_seed makes dropout repeatable)."""
-    return int(torch.randint(0, 2**62, (1,))) if dropout_p > 0.0 else 0
 
 
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, dropout_p,
