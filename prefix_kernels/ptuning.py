@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .trainable import TrainableParameters
+
 REPARAMETERIZATIONS = ("lstm", "mlp", "none")
 CONFIG_FILE = "ptuning_config.json"
 ENCODER_FILE = "prompt_encoder.safetensors"
@@ -122,7 +124,7 @@ class PromptEncoder(nn.Module):
         return x
 
 
-class PTuningModel(nn.Module):
+class PTuningModel(TrainableParameters):
     """A frozen masked or causal LM with P-Tuning v1 virtual tokens placed by a template.
 
     `encode(examples)` turns dicts of fields into `input_ids`, `attention_mask`, `virtual_mask` (and
@@ -324,13 +326,6 @@ class PTuningModel(nn.Module):
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ parameters, save/load
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        t, n = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / max(n, 1):.4f}")
 
     def prompt_embeddings(self) -> torch.Tensor:
         """The final virtual-token embeddings `[P, d]` (encoder applied)."""

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import PrefixTuningConfig
+from .trainable import TrainableParameters
 
 TASK_KINDS = ("seq", "tok")
 POOLINGS = ("auto", "cls", "pooler", "mean", "last")
@@ -62,7 +63,7 @@ def _normalize_tasks(tasks) -> dict[str, tuple[str, int]]:
     return out
 
 
-class PrefixTaskModel(nn.Module):
+class PrefixTaskModel(TrainableParameters):
     """Frozen backbone + shared fused prefix + one head per task (P-Tuning v2).
 
     Args:
@@ -186,14 +187,6 @@ class PrefixTaskModel(nn.Module):
         return TaskOutput(loss, logits, rows_out)
 
     # ------------------------------------------------------------------ parameters, save/load
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        t, n = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / max(n, 1):.4f}")
 
     def save_pretrained(self, save_directory, *, training_state: bool = True) -> None:
         """The prefix in PEFT's format (see `PrefixModel.save_pretrained`) + `task_heads.safetensors` +

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import PrefixTuningConfig
 from ..encoders import PrefixEncoder
+from ..trainable import TrainableParameters
 from .attention import ATTN_IMPLEMENTATION, LayerBinding
 from .families import (ModelLayout, default_heads, detect, model_device, task_type_of, validate_positions)
 
@@ -63,7 +64,7 @@ def _resolve_heads(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
     return names
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(TrainableParameters):
     """A transformers model with a trainable prefix on every attention layer, computed by the fused op.
 
     Use `prefix_kernels.get_prefix_model(model, config)` to build one and `PrefixModel.from_pretrained(model,
@@ -285,15 +286,6 @@ class PrefixModel(nn.Module):
         """Alias of `activation_checkpointing_enable` (transformers' older name)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def merged_prompt_embeddings(self) -> torch.Tensor:
         """The prefix as PEFT saves it: `[P, L * 2 * Hkv * D]`, the MLP (if any) applied, no dropout."""
