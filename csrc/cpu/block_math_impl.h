@@ -192,3 +192,38 @@ inline void gemm_tile(int64_t M, int64_t N, int64_t K, float alpha, const float*
     default: break;
   }
 }
+
+// C[M, N] = beta * C + alpha * A B^T for M <= 4 rows of A (row-major, lda) and B row-major [N, K] (ldb):
+// one pass over B's rows with M dot products each, so B is never transposed. A query block of one to four
+// rows (decode) spends more time packing B^T than multiplying; this path reads K rows as they are stored.
+template <int R>
+PK_INLINE inline void gemm_nt_rows(int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                                   const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  for (int64_t j = 0; j < N; ++j) {
+    const float* b = B + j * ldb;
+    v8f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = splat(0.f);
+    int64_t p = 0;
+    for (; p + 8 <= K; p += 8) {
+      const v8f bv = load8(b + p);
+      for (int r = 0; r < R; ++r) acc[r] += load8(A + r * lda + p) * bv;
+    }
+    for (int r = 0; r < R; ++r) {
+      float dot = hsum(acc[r]);
+      for (int64_t q = p; q < K; ++q) dot += A[r * lda + q] * b[q];
+      float* c = C + r * ldc + j;
+      *c = accumulate ? *c + dot * alpha : dot * alpha;
+    }
+  }
+}
+
+inline void gemm_nt_small(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                          int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  switch (M) {
+    case 4: gemm_nt_rows<4>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 3: gemm_nt_rows<3>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 2: gemm_nt_rows<2>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 1: gemm_nt_rows<1>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    default: break;
+  }
+}
