@@ -108,9 +108,11 @@ def test_torch_compile_traces_the_op():
 
 
 @pytest.mark.parametrize("T", [0, 3])
-def test_dropout_replays_through_reference(T):
+@pytest.mark.parametrize("Hq,L", [(4, 33), (6, 5)], ids=["query-blocks", "gqa-group-stacked"])
+def test_dropout_replays_through_reference(T, Hq, L):
+    """L = 33 with 2 heads per KV head tiles each head's queries; L = 5 with 3 stacks the group in one tile."""
     p = 0.3
-    case = Case(B=2, Hq=4, Hkv=2, L=33, S=40, P=9, D=32, padding=True, T=T)
+    case = Case(B=2, Hq=Hq, Hkv=2, L=L, S=40, P=9, D=32, padding=True, T=T)
     data = make_inputs(case, torch.float32, "cpu")
     torch.manual_seed(123)
     got_out, got = cpu_grads(data, dropout_p=p)

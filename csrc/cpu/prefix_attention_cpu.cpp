@@ -1,9 +1,11 @@
 // CPU kernels of prefix_kernels::cpp_fwd / cpp_bwd / cpp_dropout_mask (DESIGN.md "The op").
 //
-// Flash-style: each task owns a block of at most kBlockQ queries of one (row, head) and walks the key blocks
-// (prefix first, then the sequence) with an online softmax, so no [L, P + S] score matrix exists. Tiles are
-// converted to fp32 once per block (fp32 inputs with contiguous rows are used in place); the matrix products
-// and the softmax of a tile run in block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Backward recomputes the probabilities from the saved lse:
+// Flash-style: each task owns a block of at most kBlockQ queries of one (row, head), or in the forward every
+// query of a GQA group when they fit one block (decode), and walks the key blocks (prefix first, then the
+// sequence) with an online softmax, so no [L, P + S] score matrix exists. Tiles are converted to fp32 once
+// per block (fp32 inputs with contiguous rows are used in place); the matrix products and the softmax of a
+// tile run in block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Backward recomputes the
+// probabilities from the saved lse:
 //   pass 1  dq        per (b, h, query block)
 //   pass 2  dk, dv    per (b, kv head, sequence key block), looping over the group's heads and visible queries
 //   pass 3  dprefix   per (chunk, kv head, prefix key block): the (b, query block) units are split into a fixed
@@ -109,6 +111,10 @@ struct Problem {
   const bool* kpm;          // [B, S] or null
   const int64_t* pindex;    // [B] or null
   int64_t nqb;              // query blocks per (b, h)
+  // Forward tiles stack the whole GQA group (every query of the group's heads) when it fits one tile: a
+  // decode step (L = 1) then reads each K/V tile once per KV head instead of once per query head. A function
+  // of the shapes only, so results never depend on the thread count.
+  bool stack_group() const { return group > 1 && group * L <= kBlockQ; }
   int64_t shift() const { return S - L; }
   int64_t prefix_of(int64_t b) const { return pindex ? pindex[b] : 0; }
   const bool* kpm_row(int64_t b) const { return kpm ? kpm + b * S : nullptr; }
@@ -128,6 +134,23 @@ View4<T> prefix_view(const at::Tensor& t) {
   return View4<T>(t.dim() == 3 ? t.unsqueeze(0) : t);
 }
 
+// The query rows of one forward task: `nh` runs of the `m` queries [i0, i0 + m) of heads h0 .. h0 + nh - 1 (all
+// on KV head hk), stacked as the rows of one tile.
+struct RowBlock {
+  int64_t b, hk, h0, nh, i0, m;
+};
+
+inline int64_t forward_tasks(const Problem& pr) { return pr.stack_group() ? pr.B * pr.Hkv : pr.B * pr.Hq * pr.nqb; }
+
+inline RowBlock forward_rows(const Problem& pr, int64_t task) {
+  if (pr.stack_group()) {
+    const int64_t hk = task % pr.Hkv, b = task / pr.Hkv;
+    return {b, hk, hk * pr.group, pr.group, 0, pr.L};
+  }
+  const int64_t qb = task % pr.nqb, bh = task / pr.nqb, h = bh % pr.Hq, b = bh / pr.Hq;
+  return {b, h / pr.group, h, 1, qb * kBlockQ, std::min(kBlockQ, pr.L - qb * kBlockQ)};
+}
+
 template <typename T>
 void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& pk, const at::Tensor& pv, at::Tensor& out, at::Tensor& lse) {
@@ -137,20 +160,29 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
   const int64_t D = pr.D;
   const bool dropout = pr.dropout_p > 0.f;
   const float inv_keep = dropout ? 1.f / (1.f - pr.dropout_p) : 1.f;
-  const int64_t ntasks = pr.B * pr.Hq * pr.nqb;
 
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, forward_tasks(pr), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * D), kbuf(kBlockK * D), vbuf(kBlockK * D), sbuf(kBlockQ * kBlockK),
         zbuf(dropout ? kBlockQ * kBlockK : 0), acc(kBlockQ * D), mrow(kBlockQ), lrow(kBlockQ), alpha(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % pr.nqb, bh = task / pr.nqb, h = bh % pr.Hq, b = bh / pr.Hq;
-      const int64_t hk = h / pr.group, t = pr.prefix_of(b);
-      const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, pr.L - i0);
-      int64_t ldq;
-      const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, qbuf.data(), ldq);
+      const RowBlock rb = forward_rows(pr, task);
+      const int64_t b = rb.b, hk = rb.hk, i0 = rb.i0, m = rb.m, rows = rb.nh * m, t = pr.prefix_of(b);
+      int64_t ldq = D;
+      const float* Q = qbuf.data();
+      if (rb.nh == 1) {
+        Q = load_rows(Qv.at(b, rb.h0, i0), Qv.s2, Qv.s3, m, D, qbuf.data(), ldq);
+      } else {  // the group's heads stacked in qbuf
+        for (int64_t g = 0; g < rb.nh; ++g) {
+          float* dst = qbuf.data() + g * m * D;
+          int64_t ld;
+          const float* src = load_rows(Qv.at(b, rb.h0 + g, i0), Qv.s2, Qv.s3, m, D, dst, ld);
+          if (src != dst)
+            for (int64_t r = 0; r < m; ++r) std::copy(src + r * ld, src + r * ld + D, dst + r * D);
+        }
+      }
       std::fill(mrow.begin(), mrow.end(), kNegInf);
       std::fill(lrow.begin(), lrow.end(), 0.f);
-      std::fill(acc.begin(), acc.begin() + m * D, 0.f);
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
       const bool* kpm = pr.kpm_row(b);
       const int64_t seq_end = pr.seq_end(i0, m);
       const int64_t nblocks_p = (pr.P + kBlockK - 1) / kBlockK;
@@ -166,24 +198,29 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
         const float* V = is_prefix ? load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, vbuf.data(), ldv)
                                    : load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, vbuf.data(), ldv);
         float* s = sbuf.data();
-        gemm_rm(false, true, m, n, D, pr.scale, Q, ldq, K, ldk, 0.f, s, n);
-        if (!is_prefix) mask_seq_tile(s, m, n, i0, j0, pr.causal, pr.shift(), kpm);
-        softmax_update(s, m, n, mrow.data(), lrow.data(), alpha.data());
+        gemm_rm(false, true, rows, n, D, pr.scale, Q, ldq, K, ldk, 0.f, s, n);
+        if (!is_prefix)
+          for (int64_t g = 0; g < rb.nh; ++g) mask_seq_tile(s + g * m * n, m, n, i0, j0, pr.causal, pr.shift(), kpm);
+        softmax_update(s, rows, n, mrow.data(), lrow.data(), alpha.data());
         if (dropout) {
-          dropout_tile(zbuf.data(), m, n, pr.seed, pr.row_offset(b, h, i0), pr.P + pr.S,
-                       is_prefix ? j0 : pr.P + j0, pr.dropout_p, inv_keep);
-          mul_inplace(s, zbuf.data(), m * n);
+          for (int64_t g = 0; g < rb.nh; ++g)
+            dropout_tile(zbuf.data() + g * m * n, m, n, pr.seed, pr.row_offset(b, rb.h0 + g, i0), pr.P + pr.S,
+                         is_prefix ? j0 : pr.P + j0, pr.dropout_p, inv_keep);
+          mul_inplace(s, zbuf.data(), rows * n);
         }
-        scale_rows(acc.data(), m, D, alpha.data());
-        gemm_rm(false, false, m, D, n, 1.f, s, n, V, ldv, 1.f, acc.data(), D);
+        scale_rows(acc.data(), rows, D, alpha.data());
+        gemm_rm(false, false, rows, D, n, 1.f, s, n, V, ldv, 1.f, acc.data(), D);
       }
-      T* o = out_p + ((b * pr.Hq + h) * pr.L + i0) * D;
-      float* ls = lse_p + (b * pr.Hq + h) * pr.L + i0;
-      for (int64_t r = 0; r < m; ++r) {
-        const bool empty = lrow[r] == 0.f;
-        const float inv = empty ? 0.f : 1.f / lrow[r];
-        for (int64_t d = 0; d < D; ++d) o[r * D + d] = static_cast<T>(acc[r * D + d] * inv);
-        ls[r] = empty ? std::numeric_limits<float>::infinity() : mrow[r] + std::log(lrow[r]);
+      for (int64_t g = 0; g < rb.nh; ++g) {
+        T* o = out_p + ((b * pr.Hq + rb.h0 + g) * pr.L + i0) * D;
+        float* ls = lse_p + (b * pr.Hq + rb.h0 + g) * pr.L + i0;
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t row = g * m + r;
+          const bool empty = lrow[row] == 0.f;
+          const float inv = empty ? 0.f : 1.f / lrow[row];
+          for (int64_t d = 0; d < D; ++d) o[r * D + d] = static_cast<T>(acc[row * D + d] * inv);
+          ls[r] = empty ? std::numeric_limits<float>::infinity() : mrow[row] + std::log(lrow[row]);
+        }
       }
     }
   });
