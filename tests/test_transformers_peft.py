@@ -102,3 +102,33 @@ def test_peft_adapter_loads_with_identical_logits(tmp_path):
     assert not any(p.requires_grad for p in ours.parameters())
     trainable = pk.PrefixModel.from_pretrained(fresh(base), tmp_path, is_trainable=True)
     assert all(p.requires_grad for p in trainable.prefix_encoder.parameters())
+
+
+def _greedy(model, ids, mask, new=5):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+
+
+def test_peft_generate_ignores_the_prefix_and_ours_does_not():
+    """What the README says of PEFT with this transformers: its forward uses the prefix (equal to ours), its
+    `generate` does not (the same tokens for any prefix value). If PEFT fixes this, this test fails and the
+    README's comparison must change."""
+    base = llama()
+    ids = tokens(3, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for batched generation
+    outputs = {}
+    for seed in (1, 2):
+        ours = randomize_prefix(pk.get_prefix_model(fresh(base), pk.PrefixTuningConfig(num_virtual_tokens=4)),
+                                seed=seed, scale=3.0).eval()
+        theirs = _peft_model(base, 4, False).eval()
+        theirs.prompt_encoder["default"].load_state_dict(ours.prefix_encoder.state_dict())
+        with torch.no_grad():  # PEFT's forward (unpadded rows) sees the prefix exactly as ours does
+            torch.testing.assert_close(theirs(input_ids=ids[[0, 2]]).logits, ours(input_ids=ids[[0, 2]]).logits,
+                                       rtol=1e-5, atol=1e-5)
+        outputs[seed] = (_greedy(ours, ids, mask), _greedy(theirs, ids, mask))
+    assert not torch.equal(outputs[1][0], outputs[2][0])  # ours follows the prefix
+    assert torch.equal(outputs[1][1], outputs[2][1])  # PEFT's generate does not
+    plain = _greedy(fresh(base).eval(), ids, mask)
+    assert torch.equal(outputs[1][1][[0, 2]], plain[[0, 2]])  # unpadded rows: exactly the base model's tokens
