@@ -190,7 +190,7 @@ def machine_description(device: str) -> str:
         except (OSError, StopIteration):
             pass
         hw += f", {torch.get_num_threads()} threads"
-    return f"{hw}; torch {torch.__version__}"
+    return hw  # versions() names torch and the rest
 
 
 # Dense peak TFLOP/s by GPU name fragment: (fp16/bf16 tensor cores, tf32 tensor cores, fp32 without them).
