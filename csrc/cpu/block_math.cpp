@@ -7,8 +7,11 @@
 #include <limits>
 #include <vector>
 
+#include "../philox.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PK_HAVE_AVX2_CLONE 1
+#include <immintrin.h>  // the intrinsics are usable inside the avx2 clone's target region
 #endif
 
 #define PK_INLINE __attribute__((always_inline))
@@ -24,7 +27,9 @@ namespace base {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+#define PK_AVX2_INTRINSICS 1
 #include "block_math_impl.h"
+#undef PK_AVX2_INTRINSICS
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -59,6 +64,9 @@ void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha) {
   PK_DISPATCH(scale_rows, acc, rows, cols, alpha);
 }
 void mul_inplace(float* x, const float* y, int64_t n) { PK_DISPATCH(mul_inplace, x, y, n); }
+void dropout_row(float* z, int64_t n, uint64_t seed, uint64_t offset, float dropout_p, float inv_keep) {
+  PK_DISPATCH(dropout_row, z, n, seed, offset, dropout_p, inv_keep);
+}
 
 }  // namespace cpu
 }  // namespace prefix_kernels

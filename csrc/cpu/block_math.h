@@ -25,6 +25,10 @@ void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha);
 // x *= y elementwise (n elements).
 void mul_inplace(float* x, const float* y, int64_t n);
 
+// z[c] = inv_keep if dropout keeps the element at Philox counter offset + c, else 0, for c in [0, n): the
+// same draws as philox.h's dropout_keep (8 counters at a time with AVX2).
+void dropout_row(float* z, int64_t n, uint64_t seed, uint64_t offset, float dropout_p, float inv_keep);
+
 }  // namespace cpu
 }  // namespace prefix_kernels
 

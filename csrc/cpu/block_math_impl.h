@@ -227,3 +227,55 @@ inline void gemm_nt_small(int64_t M, int64_t N, int64_t K, float alpha, const fl
     default: break;
   }
 }
+
+#ifdef PK_AVX2_INTRINSICS
+// Philox4x32-10 on 8 counters (c0 = offset + lane low 32 bits, c1 = high bits), first output word only,
+// exactly as philox_first_word. AVX2 has no 32x32->64 multiply of all lanes: even lanes go through
+// _mm256_mul_epu32 directly, odd lanes after a 32-bit shift, and the high words are blended back.
+PK_INLINE inline __m256i philox8_first_word(uint64_t seed, uint64_t offset) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset))), lane);
+  // the high word carries when the low word wraps inside these 8 lanes
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(INT32_MIN),
+                                                            _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)))),
+                                           _mm256_xor_si256(_mm256_set1_epi32(INT32_MIN), lo));
+  __m256i c0 = lo;
+  __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset >> 32))), carry);
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i ra = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
+  const __m256i rb = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
+  for (int r = 0; r < 10; ++r) {
+    // a0 * ROUND_A and a2 * ROUND_B as (hi, lo) 32-bit words per lane
+    const __m256i pa_even = _mm256_mul_epu32(c0, ra), pa_odd = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), ra);
+    const __m256i pb_even = _mm256_mul_epu32(c2, rb), pb_odd = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), rb);
+    const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(pa_even, 32), pa_odd, 0xAA);
+    const __m256i hi_b = _mm256_blend_epi32(_mm256_srli_epi64(pb_even, 32), pb_odd, 0xAA);
+    const __m256i lo_a = _mm256_blend_epi32(pa_even, _mm256_slli_epi64(pa_odd, 32), 0xAA);
+    const __m256i lo_b = _mm256_blend_epi32(pb_even, _mm256_slli_epi64(pb_odd, 32), 0xAA);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int32_t>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int32_t>(k1)));
+    c0 = n0, c2 = n2, c1 = lo_b, c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+inline void dropout_row(float* z, int64_t n, uint64_t seed, uint64_t offset, float dropout_p, float inv_keep) {
+  int64_t c = 0;
+  const __m256 p = _mm256_set1_ps(dropout_p), keep = _mm256_set1_ps(inv_keep);
+  for (; c + 8 <= n; c += 8) {
+    __m256i x = philox8_first_word(seed, offset + static_cast<uint64_t>(c));
+    x = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));  // x < 0 ? ~x : x (philox_uniform)
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
+    _mm256_storeu_ps(z + c, _mm256_and_ps(_mm256_cmp_ps(u, p, _CMP_GE_OQ), keep));
+  }
+  for (; c < n; ++c) z[c] = dropout_keep(seed, offset + static_cast<uint64_t>(c), dropout_p) ? inv_keep : 0.f;
+}
+#else
+inline void dropout_row(float* z, int64_t n, uint64_t seed, uint64_t offset, float dropout_p, float inv_keep) {
+  for (int64_t c = 0; c < n; ++c)
+    z[c] = dropout_keep(seed, offset + static_cast<uint64_t>(c), dropout_p) ? inv_keep : 0.f;
+}
+#endif

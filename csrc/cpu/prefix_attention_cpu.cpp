@@ -95,11 +95,8 @@ inline bool all_padded(const bool* kpm, int64_t j0, int64_t n) {
 // z[r, c] = keep / (1 - p) for the tile's rows (global query i0 + r) and key columns col0 + c.
 inline void dropout_tile(float* z, int64_t m, int64_t n, uint64_t seed, uint64_t row_offset, uint64_t PS,
                          uint64_t col0, float dropout_p, float inv_keep) {
-  for (int64_t r = 0; r < m; ++r) {
-    const uint64_t base = row_offset + static_cast<uint64_t>(r) * PS + col0;
-    for (int64_t c = 0; c < n; ++c)
-      z[r * n + c] = dropout_keep(seed, base + static_cast<uint64_t>(c), dropout_p) ? inv_keep : 0.f;
-  }
+  for (int64_t r = 0; r < m; ++r)
+    dropout_row(z + r * n, n, seed, row_offset + static_cast<uint64_t>(r) * PS + col0, dropout_p, inv_keep);
 }
 
 struct Problem {
