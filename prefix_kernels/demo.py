@@ -111,25 +111,38 @@ def build_model(model_path, *, prompt_length: int, backend: str | None, device, 
 # ---------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator statistics on a GPU; on CPU the process's resident
-    set size, sampled every millisecond by a thread (large tensors are mmap'ed and returned on free, so the
-    RSS follows the live tensors)."""
+    set size, sampled every millisecond by a thread.
+
+    On CPU the measurement needs glibc to give memory back as soon as it is freed: on entry large blocks are
+    mmap'ed (returned on free) and the heap is trimmed, so the RSS follows the live tensors. That makes
+    allocation slow (every large tensor is a fresh mapping, page faults included: a SmolLM2 training step takes
+    about twice as long), so on exit glibc's fast settings are restored: time steps outside this block."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.peak = 0
 
     @staticmethod
-    def _exact_malloc() -> None:
-        # glibc raises its mmap threshold dynamically after large frees, after which freed activations stay
-        # in the heap and the RSS no longer falls; a fixed threshold keeps large tensors mmap'ed.
+    def _malloc(mmap_threshold: int, trim_threshold: int, trim_now: bool = False) -> None:
         try:
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+            if trim_now:
+                libc.malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+    @classmethod
+    def _exact_malloc(cls) -> None:
+        cls._malloc(128 * 1024, 128 * 1024, trim_now=True)
+
+    @classmethod
+    def _fast_malloc(cls) -> None:
+        # glibc's own dynamic threshold rises to at most 32 MiB once large blocks are freed; fix it there
+        cls._malloc(32 * 2**20, 64 * 2**20)
 
     @staticmethod
     def _rss() -> int:
@@ -164,31 +177,34 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self._top, self._rss()) - self._base
+            self._fast_malloc()
         return False
 
 
 def measure_steps(model, train_rows, tokenizer, *, steps, batch_size, max_length, device, lr, seed):
-    """Train `steps` steps on a copy of the optimizer state; return (peak bytes of one step, seconds/step)."""
+    """(peak bytes of one training step, seconds per step): one warm-up step (allocations, optimizer state),
+    one step under `PeakMemory`, then `steps` timed steps (outside it: its CPU mode slows allocation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     it = batches(train_rows, tokenizer, batch_size, max_length, device, shuffle_seed=seed)
-    peaks, times = [], []
-    for i in range(steps + 1):  # the first step warms up (allocations, optimizer state) and is not counted
+
+    def step():
         enc, y = next(it)
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            loss = model(**enc, labels=y).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-        if i:
-            peaks.append(mem.peak)
-            times.append(dt)
-    return max(peaks), sum(times) / len(times)
+        t0 = time.perf_counter()
+        loss = model(**enc, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    step()
+    with PeakMemory(device) as mem:
+        step()
+    times = [step() for _ in range(steps)]
+    return mem.peak, sum(times) / len(times)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -260,8 +276,6 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        PeakMemory._exact_malloc()  # before any tensor, so that the memory comparison sees freed activations
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -379,8 +393,8 @@ def main(argv=None) -> dict:
             cmp[name] = {"peak_bytes": peak, "step_s": sec}
             del m
         what = "CUDA allocator peak" if device.type == "cuda" else "resident-set growth, sampled"
-        print(f"memory : one training step (batch {args.batch_size}), {what}, {args.compare_steps} steps per "
-              f"backend after one warm-up step (fewer than the training run):")
+        print(f"memory : one training step (batch {args.batch_size}), {what}; time: the mean of {args.compare_steps} "
+              f"further steps per backend:")
         for name, r in cmp.items():
             print(f"         {name:10s} peak {_mb(r['peak_bytes'])}, {r['step_s'] * 1000:.0f} ms/step")
 
