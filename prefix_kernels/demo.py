@@ -181,30 +181,39 @@ class PeakMemory:
         return False
 
 
-def measure_steps(model, train_rows, tokenizer, *, steps, batch_size, max_length, device, lr, seed):
-    """(peak bytes of one training step, seconds per step): one warm-up step (allocations, optimizer state),
-    one step under `PeakMemory`, then `steps` timed steps (outside it: its CPU mode slows allocation)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
+def measure_steps(models: dict, train_rows, tokenizer, *, steps, batch_size, max_length, device, lr, seed) -> dict:
+    """{name: (peak bytes of one training step, seconds per step)} for models trained on the same batches: one
+    warm-up step each (allocations, optimizer state), one step each under `PeakMemory`, then `steps` timed
+    steps alternating model by model (outside PeakMemory, whose CPU mode slows allocation)."""
+    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+            for name, m in models.items()}
+    for m in models.values():
+        m.train()
     it = batches(train_rows, tokenizer, batch_size, max_length, device, shuffle_seed=seed)
 
-    def step():
-        enc, y = next(it)
+    def step(name, enc, y):
         t0 = time.perf_counter()
-        loss = model(**enc, labels=y).loss
+        loss = models[name](**enc, labels=y).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    step()
-    with PeakMemory(device) as mem:
-        step()
-    times = [step() for _ in range(steps)]
-    return mem.peak, sum(times) / len(times)
+    peaks, times = {}, {name: [] for name in models}
+    for i in range(steps + 2):
+        enc, y = next(it)
+        for name in models:
+            if i == 1:
+                with PeakMemory(device) as mem:
+                    step(name, enc, y)
+                peaks[name] = mem.peak
+            else:
+                seconds = step(name, enc, y)
+                if i:
+                    times[name].append(seconds)
+    return {name: (peaks[name], sum(times[name]) / len(times[name])) for name in models}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -385,16 +394,16 @@ def main(argv=None) -> dict:
     # ------------------------------------------------------------------ memory / time vs reference
     cmp = {}
     if args.compare_steps > 0:
-        for name in dict.fromkeys([backend, "reference"]):
-            m = build_model(model_path, prompt_length=args.prompt_length, backend=name, device=device,
-                            pooling=args.pooling, seed=args.seed)
-            peak, sec = measure_steps(m, train, tokenizer, steps=args.compare_steps, batch_size=args.batch_size,
-                                      max_length=args.max_length, device=device, lr=args.lr, seed=args.seed)
-            cmp[name] = {"peak_bytes": peak, "step_s": sec}
-            del m
+        models = {name: build_model(model_path, prompt_length=args.prompt_length, backend=name, device=device,
+                                    pooling=args.pooling, seed=args.seed)
+                  for name in dict.fromkeys([backend, "reference"])}
+        measured = measure_steps(models, train, tokenizer, steps=args.compare_steps, batch_size=args.batch_size,
+                                 max_length=args.max_length, device=device, lr=args.lr, seed=args.seed)
+        cmp = {name: {"peak_bytes": peak, "step_s": sec} for name, (peak, sec) in measured.items()}
+        del models
         what = "CUDA allocator peak" if device.type == "cuda" else "resident-set growth, sampled"
         print(f"memory : one training step (batch {args.batch_size}), {what}; time: the mean of {args.compare_steps} "
-              f"further steps per backend:")
+              f"further steps per backend, the backends alternating on the same batches:")
         for name, r in cmp.items():
             print(f"         {name:10s} peak {_mb(r['peak_bytes'])}, {r['step_s'] * 1000:.0f} ms/step")
 
