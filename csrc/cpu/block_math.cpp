@@ -109,7 +109,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
   }
   // op(A)(i, p) = A[i * ars + p * acs]; op(B) is used as a row-major [K, N] matrix, packed when transposed.
   const int64_t ars = trans_a ? 1 : lda, acs = trans_a ? lda : 1;
-  if (trans_b && !trans_a && M <= 4) {
+  if (trans_b && !trans_a && M <= 8) {
     PK_DISPATCH(gemm_nt_small, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
     return;
   }

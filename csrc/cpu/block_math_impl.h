@@ -193,9 +193,10 @@ inline void gemm_tile(int64_t M, int64_t N, int64_t K, float alpha, const float*
   }
 }
 
-// C[M, N] = beta * C + alpha * A B^T for M <= 4 rows of A (row-major, lda) and B row-major [N, K] (ldb):
-// one pass over B's rows with M dot products each, so B is never transposed. A query block of one to four
+// C[M, N] = beta * C + alpha * A B^T for M <= 8 rows of A (row-major, lda) and B row-major [N, K] (ldb):
+// one pass over B's rows with M dot products each, so B is never transposed. A query block of one to eight
 // rows (decode) spends more time packing B^T than multiplying; this path reads K rows as they are stored.
+// Each output element's summation order is the same for every M.
 template <int R>
 PK_INLINE inline void gemm_nt_rows(int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                                    const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
@@ -220,6 +221,10 @@ PK_INLINE inline void gemm_nt_rows(int64_t N, int64_t K, float alpha, const floa
 inline void gemm_nt_small(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
                           int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   switch (M) {
+    case 8: gemm_nt_rows<8>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 7: gemm_nt_rows<7>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 6: gemm_nt_rows<6>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
+    case 5: gemm_nt_rows<5>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
     case 4: gemm_nt_rows<4>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
     case 3: gemm_nt_rows<3>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;
     case 2: gemm_nt_rows<2>(N, K, alpha, A, lda, B, ldb, accumulate, C, ldc); break;

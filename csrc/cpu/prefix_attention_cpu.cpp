@@ -1,7 +1,7 @@
 // CPU kernels of prefix_kernels::cpp_fwd / cpp_bwd / cpp_dropout_mask (DESIGN.md "The op").
 //
-// Flash-style: each task owns a block of at most kBlockQ queries of one (row, head), or in the forward every
-// query of a GQA group when they fit one block (decode), and walks the key blocks (prefix first, then the
+// Flash-style: each task owns a block of at most kBlockQ queries of one (row, head), or in a decode-like
+// forward every query of a GQA group, and walks the key blocks (prefix first, then the
 // sequence) with an online softmax, so no [L, P + S] score matrix exists. Tiles are converted to fp32 once
 // per block (fp32 inputs with contiguous rows are used in place); the matrix products and the softmax of a
 // tile run in block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Backward recomputes the
@@ -31,6 +31,7 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+constexpr int64_t kStackRows = 8;     // = gemm_rm's largest dot-product path (block_math.cpp)
 constexpr int64_t kPrefixChunks = 8;  // fixed: the prefix-gradient reduction order never depends on threads
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -108,10 +109,13 @@ struct Problem {
   const bool* kpm;          // [B, S] or null
   const int64_t* pindex;    // [B] or null
   int64_t nqb;              // query blocks per (b, h)
-  // Forward tiles stack the whole GQA group (every query of the group's heads) when it fits one tile: a
-  // decode step (L = 1) then reads each K/V tile once per KV head instead of once per query head. A function
-  // of the shapes only, so results never depend on the thread count.
-  bool stack_group() const { return group > 1 && group * L <= kBlockQ; }
+  // Decode-like forwards stack the GQA group's queries (every query of the group's heads) in one tile, so each
+  // K/V tile is read once per KV head instead of once per query head, when that leaves a task per thread.
+  // At most kStackRows rows: like a single head's rows they take gemm_rm's dot-product path, so each row's
+  // result is bitwise the same stacked or not, and the thread count may decide.
+  bool stack_group() const {
+    return group > 1 && group * L <= kStackRows && B * Hkv >= at::get_num_threads();
+  }
   int64_t shift() const { return S - L; }
   int64_t prefix_of(int64_t b) const { return pindex ? pindex[b] : 0; }
   const bool* kpm_row(int64_t b) const { return kpm ? kpm + b * S : nullptr; }
@@ -137,10 +141,10 @@ struct RowBlock {
   int64_t b, hk, h0, nh, i0, m;
 };
 
-inline int64_t forward_tasks(const Problem& pr) { return pr.stack_group() ? pr.B * pr.Hkv : pr.B * pr.Hq * pr.nqb; }
+inline int64_t forward_tasks(const Problem& pr, bool stack) { return stack ? pr.B * pr.Hkv : pr.B * pr.Hq * pr.nqb; }
 
-inline RowBlock forward_rows(const Problem& pr, int64_t task) {
-  if (pr.stack_group()) {
+inline RowBlock forward_rows(const Problem& pr, bool stack, int64_t task) {
+  if (stack) {
     const int64_t hk = task % pr.Hkv, b = task / pr.Hkv;
     return {b, hk, hk * pr.group, pr.group, 0, pr.L};
   }
@@ -158,11 +162,12 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
   const bool dropout = pr.dropout_p > 0.f;
   const float inv_keep = dropout ? 1.f / (1.f - pr.dropout_p) : 1.f;
 
-  at::parallel_for(0, forward_tasks(pr), 1, [&](int64_t begin, int64_t end) {
+  const bool stack = pr.stack_group();
+  at::parallel_for(0, forward_tasks(pr, stack), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * D), kbuf(kBlockK * D), vbuf(kBlockK * D), sbuf(kBlockQ * kBlockK),
         zbuf(dropout ? kBlockQ * kBlockK : 0), acc(kBlockQ * D), mrow(kBlockQ), lrow(kBlockQ), alpha(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
-      const RowBlock rb = forward_rows(pr, task);
+      const RowBlock rb = forward_rows(pr, stack, task);
       const int64_t b = rb.b, hk = rb.hk, i0 = rb.i0, m = rb.m, rows = rb.nh * m, t = pr.prefix_of(b);
       int64_t ldq = D;
       const float* Q = qbuf.data();
