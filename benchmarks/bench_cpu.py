@@ -15,10 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Shape, markdown_table, reexec_with_malloc_settings  # noqa: E402
-
-reexec_with_malloc_settings()
-
+from common import Shape, markdown_table  # noqa: E402
 from microbench import TABLE_HEADER, measure, record  # noqa: E402
 
 

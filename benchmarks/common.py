@@ -3,9 +3,10 @@
 Timing runs the compared backends side by side in one process, alternating call by call, and reports the
 median with p20/p80. Peak memory on CUDA is `torch.cuda.max_memory_allocated` over one call, above what was
 allocated before it; on CPU it is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over one call, with glibc's mmap threshold pinned to 128 KiB (`reexec_with_malloc_
-settings`) so that freed buffers go back to the OS instead of hiding in malloc's cache. Either way it counts
-everything the call allocates: outputs, gradients, saved activations and temporaries.
+/proc/self/clear_refs) over one call, made under `prefix_kernels.memory.exact_cpu_memory()` so that freed
+buffers go back to the OS instead of hiding in malloc's cache (timed calls run outside it, with glibc's fast
+settings: the exact mode slows large allocations). Either way it counts everything the call allocates:
+outputs, gradients, saved activations and temporaries.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prefix_kernels.memory import exact_cpu_memory
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def reexec_with_malloc_settings() -> None:
-    if sys.platform.startswith("linux") and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
 @dataclass(frozen=True)
@@ -169,14 +166,15 @@ def peak_memory_mib(fn, device: str, setup=None) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    with exact_cpu_memory():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return float("nan")
+        before = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - before) / 1024
 
 
 def machine_description(device: str) -> str:

@@ -33,10 +33,8 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     append_csv, git_commit, machine_description, markdown_table, peak_memory_mib, progress,
-    reexec_with_malloc_settings, results_dir, synchronize, time_side_by_side, utc_stamp, versions,
+    results_dir, synchronize, time_side_by_side, utc_stamp, versions,
 )
-
-reexec_with_malloc_settings()
 
 import torch  # noqa: E402
 

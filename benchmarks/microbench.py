@@ -25,11 +25,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     Shape, append_csv, device_peak_tflops, git_commit, machine_description, make_inputs, markdown_table,
-    peak_memory_mib, progress, reexec_with_malloc_settings, results_dir, synchronize, time_side_by_side,
+    peak_memory_mib, progress, results_dir, synchronize, time_side_by_side,
     utc_stamp, versions,
 )
-
-reexec_with_malloc_settings()
 
 import torch  # noqa: E402
 

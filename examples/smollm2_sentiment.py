@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import statistics
 import time
 import warnings
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels.demo import PeakMemory, default_data_path, load_rotten_tomatoes
+from prefix_kernels.demo import default_data_path, load_rotten_tomatoes, measure_steps
 
 ANSWERS = ("negative", "positive")
 
@@ -78,55 +79,19 @@ def accuracy(outs, rows):
     return sum(o.lower().startswith(ANSWERS[y]) for o, (_, y) in zip(outs, rows)) / len(rows)
 
 
-def step(model, opt, b):
-    """One training step: (seconds, loss)."""
-    t0 = time.perf_counter()
-    loss = model(**b).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0, float(loss)
-
-
-def optimizer(model, lr):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-
 def train(model, tok, rows, steps, bs, lr, label):
-    opt = optimizer(model, lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for s in range(steps):
         b = batch(tok, rows[(s * bs) % len(rows):(s * bs) % len(rows) + bs], with_answer=True)
-        seconds, loss = step(model, opt, b)
+        t0 = time.perf_counter()
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if s % 10 == 0 or s == steps - 1:
-            print(f"  [{label}] step {s + 1}/{steps} loss {loss:.3f} ({seconds:.2f} s)")
+            print(f"  [{label}] step {s + 1}/{steps} loss {float(loss):.3f} ({time.perf_counter() - t0:.2f} s)")
     model.eval()
-
-
-def side_by_side(models: dict, tok, rows, steps, bs, lr) -> dict:
-    """Training steps of every model on the same batches. A warm-up step each, then one step each under
-    PeakMemory (peak bytes), then `steps` timed steps alternating model by model within each step (so machine
-    noise falls on all alike; outside PeakMemory, whose CPU mode slows allocation). Returns per model
-    (median seconds, peak bytes, step times)."""
-    opts = {name: optimizer(m, lr) for name, m in models.items()}
-    times = {name: [] for name in models}
-    peaks = {}
-    for m in models.values():
-        m.train()
-    for s in range(steps + 2):
-        b = batch(tok, rows[s * bs:(s + 1) * bs], with_answer=True)
-        for name, m in models.items():
-            if s == 1:
-                with PeakMemory("cpu") as mem:
-                    step(m, opts[name], b)
-                peaks[name] = mem.peak
-            else:
-                seconds, _ = step(m, opts[name], b)
-                if s:
-                    times[name].append(seconds)
-    for m in models.values():
-        m.eval()
-    return {name: (statistics.median(times[name]), peaks[name], times[name]) for name in models}
 
 
 def main():
@@ -203,13 +168,16 @@ def compare_with_peft(pm, peft_base, tok, train_rows, test_rows, ours_after, arg
 
     print(f"\ntraining step, side by side (batch {args.batch_size}; after a warm-up step, one step each for memory "
           f"and {args.compare_steps} timed steps each, alternating):")
-    res = side_by_side({"prefix-kernels": pm, "PEFT": peft}, tok, train_rows, args.compare_steps,
-                       args.batch_size, args.lr)
-    for name, (median, peak, times) in res.items():
-        print(f"  {name:15s}: {median * 1000:6.0f} ms/step median ({', '.join(f'{t:.2f}' for t in times)} s), "
+    bs = args.batch_size
+    batches = (batch(tok, train_rows[s * bs:(s + 1) * bs], with_answer=True) for s in itertools.count())
+    res = measure_steps({"prefix-kernels": pm, "PEFT": peft}, batches, steps=args.compare_steps, device="cpu",
+                        lr=args.lr)
+    median = {name: statistics.median(times) for name, (_, times) in res.items()}
+    for name, (peak, times) in res.items():
+        print(f"  {name:15s}: {median[name] * 1000:6.0f} ms/step median ({', '.join(f'{t:.2f}' for t in times)} s), "
               f"peak {peak / 2**20:.1f} MiB in one step")
-    ours, theirs = res["prefix-kernels"], res["PEFT"]
-    print(f"  speed ours/PEFT {theirs[0] / ours[0]:.2f}x, peak memory ours/PEFT {ours[1] / theirs[1]:.2f}")
+    print(f"  speed ours/PEFT {median['PEFT'] / median['prefix-kernels']:.2f}x, peak memory ours/PEFT "
+          f"{res['prefix-kernels'][0] / res['PEFT'][0]:.2f}")
 
 
 if __name__ == "__main__":

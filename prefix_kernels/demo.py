@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from prefix_kernels.memory import exact_cpu_memory
+
 LABELS = ("rotten", "fresh")
 
 
@@ -111,38 +113,12 @@ def build_model(model_path, *, prompt_length: int, backend: str | None, device, 
 # ---------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator statistics on a GPU; on CPU the process's resident
-    set size, sampled every millisecond by a thread.
-
-    On CPU the measurement needs glibc to give memory back as soon as it is freed: on entry large blocks are
-    mmap'ed (returned on free) and the heap is trimmed, so the RSS follows the live tensors. That makes
-    allocation slow (every large tensor is a fresh mapping, page faults included: a SmolLM2 training step takes
-    about twice as long), so on exit glibc's fast settings are restored: time steps outside this block."""
+    set size, sampled every millisecond by a thread, under `exact_cpu_memory()` (prefix_kernels/memory.py:
+    slower allocation inside, so time steps outside this block)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.peak = 0
-
-    @staticmethod
-    def _malloc(mmap_threshold: int, trim_threshold: int, trim_now: bool = False) -> None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
-            libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
-            if trim_now:
-                libc.malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-    @classmethod
-    def _exact_malloc(cls) -> None:
-        cls._malloc(128 * 1024, 128 * 1024, trim_now=True)
-
-    @classmethod
-    def _fast_malloc(cls) -> None:
-        # glibc's own dynamic threshold rises to at most 32 MiB once large blocks are freed; fix it there
-        cls._malloc(32 * 2**20, 64 * 2**20)
 
     @staticmethod
     def _rss() -> int:
@@ -155,7 +131,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._exact_malloc()
+            self._exact = exact_cpu_memory()
+            self._exact.__enter__()
             self._base = self._rss()
             self._top = self._base
             self._stop = threading.Event()
@@ -177,23 +154,23 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self._top, self._rss()) - self._base
-            self._fast_malloc()
+            self._exact.__exit__(None, None, None)
         return False
 
 
-def measure_steps(models: dict, train_rows, tokenizer, *, steps, batch_size, max_length, device, lr, seed) -> dict:
-    """{name: (peak bytes of one training step, seconds per step)} for models trained on the same batches: one
-    warm-up step each (allocations, optimizer state), one step each under `PeakMemory`, then `steps` timed
-    steps alternating model by model (outside PeakMemory, whose CPU mode slows allocation)."""
+def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) -> dict:
+    """Training steps of several models on the same batches (`batch_iter` yields `model(**batch)` keyword
+    dicts with labels): one warm-up step each (allocations, optimizer state), one step each under
+    `PeakMemory`, then `steps` timed steps alternating model by model, outside PeakMemory (its CPU mode slows
+    allocation), so machine noise falls on all alike. Returns {name: (peak bytes, [seconds per timed step])}."""
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
             for name, m in models.items()}
     for m in models.values():
         m.train()
-    it = batches(train_rows, tokenizer, batch_size, max_length, device, shuffle_seed=seed)
 
-    def step(name, enc, y):
+    def step(name, batch):
         t0 = time.perf_counter()
-        loss = models[name](**enc, labels=y).loss
+        loss = models[name](**batch).loss
         loss.backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
@@ -203,17 +180,19 @@ def measure_steps(models: dict, train_rows, tokenizer, *, steps, batch_size, max
 
     peaks, times = {}, {name: [] for name in models}
     for i in range(steps + 2):
-        enc, y = next(it)
+        batch = next(batch_iter)
         for name in models:
             if i == 1:
                 with PeakMemory(device) as mem:
-                    step(name, enc, y)
+                    step(name, batch)
                 peaks[name] = mem.peak
             else:
-                seconds = step(name, enc, y)
+                seconds = step(name, batch)
                 if i:
                     times[name].append(seconds)
-    return {name: (peaks[name], sum(times[name]) / len(times[name])) for name in models}
+    for m in models.values():
+        m.eval()
+    return {name: (peaks[name], times[name]) for name in models}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -397,9 +376,10 @@ def main(argv=None) -> dict:
         models = {name: build_model(model_path, prompt_length=args.prompt_length, backend=name, device=device,
                                     pooling=args.pooling, seed=args.seed)
                   for name in dict.fromkeys([backend, "reference"])}
-        measured = measure_steps(models, train, tokenizer, steps=args.compare_steps, batch_size=args.batch_size,
-                                 max_length=args.max_length, device=device, lr=args.lr, seed=args.seed)
-        cmp = {name: {"peak_bytes": peak, "step_s": sec} for name, (peak, sec) in measured.items()}
+        labeled = (dict(enc, labels=y) for enc, y in batches(train, tokenizer, args.batch_size, args.max_length,
+                                                               device, shuffle_seed=args.seed))
+        measured = measure_steps(models, labeled, steps=args.compare_steps, device=device, lr=args.lr)
+        cmp = {name: {"peak_bytes": peak, "step_s": sum(t) / len(t)} for name, (peak, t) in measured.items()}
         del models
         what = "CUDA allocator peak" if device.type == "cuda" else "resident-set growth, sampled"
         print(f"memory : one training step (batch {args.batch_size}), {what}; time: the mean of {args.compare_steps} "
