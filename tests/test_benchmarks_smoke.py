@@ -64,10 +64,7 @@ def test_decode_shape_sdpa_concat_matches_reference():
     torch.testing.assert_close(baselines.build("sdpa-concat", tensors, True).forward(), expected)
 
 
-def test_measure_rows_and_csv_union(tmp_path, monkeypatch):
-    # microbench re-executes the interpreter on import unless this is set (common.reexec_with_malloc_settings):
-    # that must not happen inside pytest.
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+def test_measure_rows_and_csv_union(tmp_path):
     import microbench
 
     shape = common.Shape("tiny", 2, 4, 2, 8, 8, 4, 16, causal=True)
@@ -82,3 +79,27 @@ def test_measure_rows_and_csv_union(tmp_path, monkeypatch):
     common.append_csv(path, [{"a": 1, "b": 2}])
     common.append_csv(path, [{"a": 3, "c": 4}])  # a new column: the file is rewritten with the union
     assert common.read_csv(path) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "", "c": "4"}]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_memory_counts_a_freed_temporary_and_freed_memory_leaves_the_rss():
+    def temporary():
+        x = torch.ones(16 * 2**20)  # 64 MiB, freed before the call returns
+        x.add_(1)
+
+    assert common.peak_memory_mib(temporary, "cpu") > 48
+    from prefix_kernels.memory import exact_cpu_memory
+
+    with exact_cpu_memory():
+        before = _rss_mib()
+        y = torch.ones(4 * 2**20)  # 16 MiB: below glibc's fast-mode mmap threshold, so from the heap there
+        y.add_(1)
+        grown = _rss_mib() - before
+        del y
+        left = _rss_mib() - before
+    assert grown > 12 and left < 4
