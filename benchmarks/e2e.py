@@ -240,7 +240,7 @@ def _version(pkg):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 3 CPU, 10 GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default 10)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 1 step (a smoke test)")
     ap.add_argument("--size", choices=("quick", "cpu", "gpu"), default=None, help="model sizes (default by device)")
     ap.add_argument("--parts", nargs="+", choices=("train", "generate"), default=["train", "generate"])
@@ -250,7 +250,7 @@ def main() -> None:
     device = args.device
     gpu = device.startswith("cuda")
     size = args.size or ("quick" if args.quick else ("gpu" if gpu else "cpu"))
-    steps = args.steps or (1 if args.quick else (10 if gpu else 3))
+    steps = args.steps or (1 if args.quick else 10)
     dtype = torch.bfloat16 if gpu else torch.float32
     warnings.filterwarnings("ignore")
     print(f"{machine_description(device)}; {versions()}; commit {git_commit()}; size {size}; {steps} steps")
