@@ -6,12 +6,17 @@
 // per block (fp32 inputs with contiguous rows are used in place); the matrix products and the softmax of a
 // tile run in block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Backward recomputes the
 // probabilities from the saved lse:
+//   fused   per (chunk of batch rows, kv head): every key block, prefix then sequence, against every visible
+//           query block of the group's heads; each tile computed once gives dq (accumulated per row in fp32),
+//           the sequence dk/dv, and the chunk's fp32 prefix partial sums [T, Hkv, P, D]
+//   or, when that leaves fewer tasks than threads (small B * Hkv), three passes with more tasks:
 //   pass 1  dq        per (b, h, query block)
 //   pass 2  dk, dv    per (b, kv head, sequence key block), looping over the group's heads and visible queries
-//   pass 3  dprefix   per (chunk, kv head, prefix key block): the (b, query block) units are split into a fixed
-//                     number of chunks (a function of the shapes only), each chunk sums into its own fp32
-//                     buffer [T, Hkv, P, D], and the chunks are added in order: bitwise the same result for
-//                     any thread count, and no tensor of B * P K/V elements.
+//   pass 3  dprefix   per (chunk, kv head, prefix key block)
+// Both add the same terms in the same order (bitwise the same results, so the thread count may choose). The
+// batch rows are split into a fixed number of chunks (a function of B only), each chunk sums the prefix
+// gradients into its own buffer, and the chunks are added in order: the same bits for any thread count, and
+// no tensor of B * P K/V elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -285,129 +290,161 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
     }
   });
 
-  // Pass 1: dq per (b, h, query block).
   T* dq_p = dq.data_ptr<T>();
-  at::parallel_for(0, pr.B * pr.Hq * pr.nqb, 1, [&](int64_t begin, int64_t end) {
-    BwdScratch sc(D, dropout);
-    std::vector<float> dqacc(kBlockQ * D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % pr.nqb, bh = task / pr.nqb, h = bh % pr.Hq, b = bh / pr.Hq;
-      const int64_t hk = h / pr.group, t = pr.prefix_of(b);
-      const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-      int64_t ldq, lddo;
-      const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
-      const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
-      const float* ls = lse_p + bh * L + i0;
-      const float* dl = delta_p + bh * L + i0;
-      std::fill(dqacc.begin(), dqacc.begin() + m * D, 0.f);
-      const bool* kpm = pr.kpm_row(b);
-      const int64_t seq_end = pr.seq_end(i0, m);
-      const int64_t nblocks_p = (pr.P + kBlockK - 1) / kBlockK;
-      const int64_t nblocks = nblocks_p + (seq_end + kBlockK - 1) / kBlockK;
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const bool is_prefix = blk < nblocks_p;
-        const int64_t j0 = (is_prefix ? blk : blk - nblocks_p) * kBlockK;
-        const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
-        if (!is_prefix && all_padded(kpm, j0, n)) continue;
-        int64_t ldk, ldv;
-        const float* K = is_prefix ? load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk)
-                                   : load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
-        const float* V = is_prefix ? load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv)
-                                   : load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
-        backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, ls, dl, !is_prefix, i0, j0, kpm,
-                      pr.row_offset(b, h, i0), is_prefix ? j0 : pr.P + j0, inv_keep);
-        gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f, dqacc.data(), D);
-      }
-      T* dst = dq_p + ((b * pr.Hq + h) * L + i0) * D;
-      for (int64_t x = 0; x < m * D; ++x) dst[x] = static_cast<T>(dqacc[x]);
-    }
-  });
-
-  // Pass 2: sequence dk, dv per (b, kv head, key block).
-  const int64_t nkb = (pr.S + kBlockK - 1) / kBlockK;
   T* dk_p = dk.data_ptr<T>();
   T* dv_p = dv.data_ptr<T>();
-  at::parallel_for(0, pr.B * pr.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    BwdScratch sc(D, dropout);
-    std::vector<float> dkacc(kBlockK * D), dvacc(kBlockK * D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t kb = task % nkb, bhk = task / nkb, hk = bhk % pr.Hkv, b = bhk / pr.Hkv;
-      const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, pr.S - j0);
-      std::fill(dkacc.begin(), dkacc.begin() + n * D, 0.f);
-      std::fill(dvacc.begin(), dvacc.begin() + n * D, 0.f);
-      const bool* kpm = pr.kpm_row(b);
-      const int64_t i_min = pr.causal ? std::max<int64_t>(j0 - pr.shift(), 0) : 0;
-      if (!all_padded(kpm, j0, n) && i_min < L) {
-        int64_t ldk, ldv;
-        const float* K = load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
-        const float* V = load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
-        for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
-          const int64_t bh = b * pr.Hq + h;
-          for (int64_t qb = i_min / kBlockQ; qb < pr.nqb; ++qb) {
-            const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-            int64_t ldq, lddo;
-            const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
-            const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
-            backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0,
-                          delta_p + bh * L + i0, true, i0, j0, kpm, pr.row_offset(b, h, i0), pr.P + j0, inv_keep);
-            const float* pz = dropout ? sc.z.data() : sc.p.data();
-            gemm_rm(true, false, n, D, m, 1.f, pz, n, dO, lddo, 1.f, dvacc.data(), D);
-            gemm_rm(true, false, n, D, m, pr.scale, sc.dp.data(), n, Q, ldq, 1.f, dkacc.data(), D);
-          }
-        }
-      }
-      T* dkd = dk_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
-      T* dvd = dv_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
-      for (int64_t x = 0; x < n * D; ++x) {
-        dkd[x] = static_cast<T>(dkacc[x]);
-        dvd[x] = static_cast<T>(dvacc[x]);
-      }
-    }
-  });
-
-  // Pass 3: prefix dk, dv, reduced over the batch in a fixed number of chunks.
-  if (pr.P == 0) return;
-  const int64_t units = pr.B * pr.nqb;
-  const int64_t nchunks = std::min<int64_t>(kPrefixChunks, units);
+  const int64_t nkb = (pr.S + kBlockK - 1) / kBlockK;
   const int64_t npb = (pr.P + kBlockK - 1) / kBlockK;
+  // Prefix gradients: one fp32 partial sum [T, Hkv, P, D] per chunk of batch rows (a fixed number of chunks,
+  // a function of B only), added in chunk order at the end.
+  const int64_t nchunks = std::min<int64_t>(kPrefixChunks, pr.B);
   const int64_t per_chunk = pr.T * pr.Hkv * pr.P * D;
-  at::Tensor part_k = at::zeros({nchunks, per_chunk}, q.options().dtype(at::kFloat));
-  at::Tensor part_v = at::zeros({nchunks, per_chunk}, q.options().dtype(at::kFloat));
+  at::Tensor part_k = at::zeros({pr.P > 0 ? nchunks : 0, per_chunk}, q.options().dtype(at::kFloat));
+  at::Tensor part_v = at::zeros({pr.P > 0 ? nchunks : 0, per_chunk}, q.options().dtype(at::kFloat));
   float* part_k_p = part_k.data_ptr<float>();
   float* part_v_p = part_v.data_ptr<float>();
-  at::parallel_for(0, nchunks * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
-    BwdScratch sc(D, dropout);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t pb = task % npb, rest = task / npb, hk = rest % pr.Hkv, c = rest / pr.Hkv;
-      const int64_t j0 = pb * kBlockK, n = std::min(kBlockK, pr.P - j0);
-      const int64_t u0 = units * c / nchunks, u1 = units * (c + 1) / nchunks;
-      int64_t loaded_t = -1, ldk = 0, ldv = 0;
-      const float* K = nullptr;
-      const float* V = nullptr;
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / pr.nqb, qb = u % pr.nqb, t = pr.prefix_of(b);
-        if (t != loaded_t) {
-          K = load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk);
-          V = load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv);
-          loaded_t = t;
-        }
-        float* dkacc = part_k_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
-        float* dvacc = part_v_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
-        const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-        for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
-          const int64_t bh = b * pr.Hq + h;
+  auto first_row = [&](int64_t c) { return pr.B * c / nchunks; };
+
+  // Prefix key block pb of row b, KV head hk: its dk/dv into chunk c's partial sums, visiting (query block,
+  // head) in a fixed order; with dq_rows ([group, L, D] fp32 of row b), also the prefix part of dq.
+  auto prefix_block = [&](BwdScratch& sc, int64_t c, int64_t b, int64_t hk, int64_t pb, float* dq_rows) {
+    const int64_t j0 = pb * kBlockK, n = std::min(kBlockK, pr.P - j0), t = pr.prefix_of(b);
+    int64_t ldk, ldv;
+    const float* K = load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk);
+    const float* V = load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv);
+    float* dkacc = part_k_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
+    float* dvacc = part_v_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
+    for (int64_t qb = 0; qb < pr.nqb; ++qb) {
+      const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
+      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
+        const int64_t bh = b * pr.Hq + h;
+        int64_t ldq, lddo;
+        const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
+        const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
+        backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0, delta_p + bh * L + i0,
+                      false, i0, j0, nullptr, pr.row_offset(b, h, i0), j0, inv_keep);
+        const float* pz = dropout ? sc.z.data() : sc.p.data();
+        gemm_rm(true, false, n, D, m, 1.f, pz, n, dO, lddo, 1.f, dvacc, D);
+        gemm_rm(true, false, n, D, m, pr.scale, sc.dp.data(), n, Q, ldq, 1.f, dkacc, D);
+        if (dq_rows != nullptr)
+          gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f,
+                  dq_rows + ((h - hk * pr.group) * L + i0) * D, D);
+      }
+    }
+  };
+
+  // Sequence key block kb of row b, KV head hk: its dk/dv, written out; with dq_rows, also its part of dq
+  // (for the query blocks pass 1 would visit, so the sums match it bit for bit).
+  auto seq_block = [&](BwdScratch& sc, float* dkacc, float* dvacc, int64_t b, int64_t hk, int64_t kb,
+                       float* dq_rows) {
+    const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, pr.S - j0);
+    std::fill(dkacc, dkacc + n * D, 0.f);
+    std::fill(dvacc, dvacc + n * D, 0.f);
+    const bool* kpm = pr.kpm_row(b);
+    const int64_t i_min = pr.causal ? std::max<int64_t>(j0 - pr.shift(), 0) : 0;
+    if (!all_padded(kpm, j0, n) && i_min < L) {
+      int64_t ldk, ldv;
+      const float* K = load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
+      const float* V = load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
+      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
+        const int64_t bh = b * pr.Hq + h;
+        for (int64_t qb = i_min / kBlockQ; qb < pr.nqb; ++qb) {
+          const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
           int64_t ldq, lddo;
           const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
           const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
-          backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0, delta_p + bh * L + i0,
-                        false, i0, j0, nullptr, pr.row_offset(b, h, i0), j0, inv_keep);
+          backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0,
+                        delta_p + bh * L + i0, true, i0, j0, kpm, pr.row_offset(b, h, i0), pr.P + j0, inv_keep);
           const float* pz = dropout ? sc.z.data() : sc.p.data();
           gemm_rm(true, false, n, D, m, 1.f, pz, n, dO, lddo, 1.f, dvacc, D);
           gemm_rm(true, false, n, D, m, pr.scale, sc.dp.data(), n, Q, ldq, 1.f, dkacc, D);
+          if (dq_rows != nullptr && j0 < pr.seq_end(i0, m))
+            gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f,
+                    dq_rows + ((h - hk * pr.group) * L + i0) * D, D);
         }
       }
     }
-  });
+    T* dkd = dk_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
+    T* dvd = dv_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
+    for (int64_t x = 0; x < n * D; ++x) {
+      dkd[x] = static_cast<T>(dkacc[x]);
+      dvd[x] = static_cast<T>(dvacc[x]);
+    }
+  };
+
+  if (nchunks * pr.Hkv >= at::get_num_threads()) {
+    // Enough (chunk, kv head) tasks for the threads: one pass, each tile computed once for dq, dk and dv.
+    at::parallel_for(0, nchunks * pr.Hkv, 1, [&](int64_t begin, int64_t end) {
+      BwdScratch sc(D, dropout);
+      std::vector<float> dkacc(kBlockK * D), dvacc(kBlockK * D), dq_rows(pr.group * L * D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t hk = task % pr.Hkv, c = task / pr.Hkv;
+        for (int64_t b = first_row(c); b < first_row(c + 1); ++b) {
+          std::fill(dq_rows.begin(), dq_rows.end(), 0.f);
+          for (int64_t pb = 0; pb < npb; ++pb) prefix_block(sc, c, b, hk, pb, dq_rows.data());
+          for (int64_t kb = 0; kb < nkb; ++kb) seq_block(sc, dkacc.data(), dvacc.data(), b, hk, kb, dq_rows.data());
+          T* dst = dq_p + (b * pr.Hq + hk * pr.group) * L * D;
+          for (int64_t x = 0; x < pr.group * L * D; ++x) dst[x] = static_cast<T>(dq_rows[x]);
+        }
+      }
+    });
+  } else {
+    // Few rows and KV heads for the threads: three passes with more tasks each (the same sums, the same bits).
+    // Pass 1: dq per (b, h, query block).
+    at::parallel_for(0, pr.B * pr.Hq * pr.nqb, 1, [&](int64_t begin, int64_t end) {
+      BwdScratch sc(D, dropout);
+      std::vector<float> dqacc(kBlockQ * D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t qb = task % pr.nqb, bh = task / pr.nqb, h = bh % pr.Hq, b = bh / pr.Hq;
+        const int64_t hk = h / pr.group, t = pr.prefix_of(b);
+        const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
+        int64_t ldq, lddo;
+        const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
+        const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
+        const float* ls = lse_p + bh * L + i0;
+        const float* dl = delta_p + bh * L + i0;
+        std::fill(dqacc.begin(), dqacc.begin() + m * D, 0.f);
+        const bool* kpm = pr.kpm_row(b);
+        const int64_t seq_end = pr.seq_end(i0, m);
+        const int64_t nblocks = npb + (seq_end + kBlockK - 1) / kBlockK;
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          const bool is_prefix = blk < npb;
+          const int64_t j0 = (is_prefix ? blk : blk - npb) * kBlockK;
+          const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
+          if (!is_prefix && all_padded(kpm, j0, n)) continue;
+          int64_t ldk, ldv;
+          const float* K = is_prefix ? load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk)
+                                     : load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
+          const float* V = is_prefix ? load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv)
+                                     : load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
+          backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, ls, dl, !is_prefix, i0, j0, kpm,
+                        pr.row_offset(b, h, i0), is_prefix ? j0 : pr.P + j0, inv_keep);
+          gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f, dqacc.data(), D);
+        }
+        T* dst = dq_p + ((b * pr.Hq + h) * L + i0) * D;
+        for (int64_t x = 0; x < m * D; ++x) dst[x] = static_cast<T>(dqacc[x]);
+      }
+    });
+    // Pass 2: sequence dk, dv per (b, kv head, key block).
+    at::parallel_for(0, pr.B * pr.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+      BwdScratch sc(D, dropout);
+      std::vector<float> dkacc(kBlockK * D), dvacc(kBlockK * D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t kb = task % nkb, bhk = task / nkb;
+        seq_block(sc, dkacc.data(), dvacc.data(), bhk / pr.Hkv, bhk % pr.Hkv, kb, nullptr);
+      }
+    });
+    // Pass 3: prefix dk, dv per (chunk, kv head, prefix key block).
+    at::parallel_for(0, nchunks * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
+      BwdScratch sc(D, dropout);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t pb = task % npb, rest = task / npb, hk = rest % pr.Hkv, c = rest / pr.Hkv;
+        for (int64_t b = first_row(c); b < first_row(c + 1); ++b) prefix_block(sc, c, b, hk, pb, nullptr);
+      }
+    });
+  }
+  if (pr.P == 0) return;
+
   T* dpk_p = dpk.data_ptr<T>();
   T* dpv_p = dpv.data_ptr<T>();
   at::parallel_for(0, per_chunk, 4096, [&](int64_t begin, int64_t end) {
