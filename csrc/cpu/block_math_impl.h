@@ -239,11 +239,11 @@ inline void gemm_nt_small(int64_t M, int64_t N, int64_t K, float alpha, const fl
 // _mm256_mul_epu32 directly, odd lanes after a 32-bit shift, and the high words are blended back.
 PK_INLINE inline __m256i philox8_first_word(uint64_t seed, uint64_t offset) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset))), lane);
-  // the high word carries when the low word wraps inside these 8 lanes
-  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(INT32_MIN),
-                                                            _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)))),
-                                           _mm256_xor_si256(_mm256_set1_epi32(INT32_MIN), lo));
+  const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)));
+  const __m256i lo = _mm256_add_epi32(base, lane);
+  // the high word carries where the low word wrapped (lo < base unsigned: compare with the sign bit flipped)
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(sign, base), _mm256_xor_si256(sign, lo));
   __m256i c0 = lo;
   __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset >> 32))), carry);
   __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();

@@ -73,6 +73,13 @@ inline const float* load_rows(const T* p, int64_t s_row, int64_t s_col, int64_t 
   return buf;
 }
 
+// Rows j0 .. j0 + n - 1 of head slice (i0, i1) of a [., ., rows, D] view as fp32 rows (load_rows).
+template <typename T>
+inline const float* block_rows(const View4<T>& x, int64_t i0, int64_t i1, int64_t j0, int64_t n, int64_t D, float* buf,
+                               int64_t& ld) {
+  return load_rows(x.at(i0, i1, j0), x.s2, x.s3, n, D, buf, ld);
+}
+
 // Hide sequence keys [j0, j0 + n) of query rows [i0, i0 + m): padding and causal (j <= i + shift).
 inline void mask_seq_tile(float* s, int64_t m, int64_t n, int64_t i0, int64_t j0, bool causal, int64_t shift,
                           const bool* kpm) {
@@ -177,12 +184,12 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
       int64_t ldq = D;
       const float* Q = qbuf.data();
       if (rb.nh == 1) {
-        Q = load_rows(Qv.at(b, rb.h0, i0), Qv.s2, Qv.s3, m, D, qbuf.data(), ldq);
+        Q = block_rows(Qv, b, rb.h0, i0, m, D, qbuf.data(), ldq);
       } else {  // the group's heads stacked in qbuf
         for (int64_t g = 0; g < rb.nh; ++g) {
           float* dst = qbuf.data() + g * m * D;
           int64_t ld;
-          const float* src = load_rows(Qv.at(b, rb.h0 + g, i0), Qv.s2, Qv.s3, m, D, dst, ld);
+          const float* src = block_rows(Qv, b, rb.h0 + g, i0, m, D, dst, ld);
           if (src != dst)
             for (int64_t r = 0; r < m; ++r) std::copy(src + r * ld, src + r * ld + D, dst + r * D);
         }
@@ -200,10 +207,8 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
         const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
         if (!is_prefix && all_padded(kpm, j0, n)) continue;
         int64_t ldk, ldv;
-        const float* K = is_prefix ? load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, kbuf.data(), ldk)
-                                   : load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, kbuf.data(), ldk);
-        const float* V = is_prefix ? load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, vbuf.data(), ldv)
-                                   : load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, vbuf.data(), ldv);
+        const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, kbuf.data(), ldk);
+        const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, vbuf.data(), ldv);
         float* s = sbuf.data();
         gemm_rm(false, true, rows, n, D, pr.scale, Q, ldq, K, ldk, 0.f, s, n);
         if (!is_prefix)
@@ -310,8 +315,8 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
   auto prefix_block = [&](BwdScratch& sc, int64_t c, int64_t b, int64_t hk, int64_t pb, float* dq_rows) {
     const int64_t j0 = pb * kBlockK, n = std::min(kBlockK, pr.P - j0), t = pr.prefix_of(b);
     int64_t ldk, ldv;
-    const float* K = load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk);
-    const float* V = load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv);
+    const float* K = block_rows(PKv, t, hk, j0, n, D, sc.kbuf.data(), ldk);
+    const float* V = block_rows(PVv, t, hk, j0, n, D, sc.vbuf.data(), ldv);
     float* dkacc = part_k_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
     float* dvacc = part_v_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
     for (int64_t qb = 0; qb < pr.nqb; ++qb) {
@@ -319,8 +324,8 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
       for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
         const int64_t bh = b * pr.Hq + h;
         int64_t ldq, lddo;
-        const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
-        const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
+        const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
+        const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
         backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0, delta_p + bh * L + i0,
                       false, i0, j0, nullptr, pr.row_offset(b, h, i0), j0, inv_keep);
         const float* pz = dropout ? sc.z.data() : sc.p.data();
@@ -344,15 +349,15 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
     const int64_t i_min = pr.causal ? std::max<int64_t>(j0 - pr.shift(), 0) : 0;
     if (!all_padded(kpm, j0, n) && i_min < L) {
       int64_t ldk, ldv;
-      const float* K = load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
-      const float* V = load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
+      const float* K = block_rows(Kv, b, hk, j0, n, D, sc.kbuf.data(), ldk);
+      const float* V = block_rows(Vv, b, hk, j0, n, D, sc.vbuf.data(), ldv);
       for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
         const int64_t bh = b * pr.Hq + h;
         for (int64_t qb = i_min / kBlockQ; qb < pr.nqb; ++qb) {
           const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
           int64_t ldq, lddo;
-          const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
-          const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
+          const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
+          const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
           backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0,
                         delta_p + bh * L + i0, true, i0, j0, kpm, pr.row_offset(b, h, i0), pr.P + j0, inv_keep);
           const float* pz = dropout ? sc.z.data() : sc.p.data();
@@ -399,8 +404,8 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
         const int64_t hk = h / pr.group, t = pr.prefix_of(b);
         const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
         int64_t ldq, lddo;
-        const float* Q = load_rows(Qv.at(b, h, i0), Qv.s2, Qv.s3, m, D, sc.qbuf.data(), ldq);
-        const float* dO = load_rows(dOv.at(b, h, i0), dOv.s2, dOv.s3, m, D, sc.dobuf.data(), lddo);
+        const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
+        const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
         const float* ls = lse_p + bh * L + i0;
         const float* dl = delta_p + bh * L + i0;
         std::fill(dqacc.begin(), dqacc.begin() + m * D, 0.f);
@@ -413,10 +418,8 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
           const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
           if (!is_prefix && all_padded(kpm, j0, n)) continue;
           int64_t ldk, ldv;
-          const float* K = is_prefix ? load_rows(PKv.at(t, hk, j0), PKv.s2, PKv.s3, n, D, sc.kbuf.data(), ldk)
-                                     : load_rows(Kv.at(b, hk, j0), Kv.s2, Kv.s3, n, D, sc.kbuf.data(), ldk);
-          const float* V = is_prefix ? load_rows(PVv.at(t, hk, j0), PVv.s2, PVv.s3, n, D, sc.vbuf.data(), ldv)
-                                     : load_rows(Vv.at(b, hk, j0), Vv.s2, Vv.s3, n, D, sc.vbuf.data(), ldv);
+          const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, sc.kbuf.data(), ldk);
+          const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, sc.vbuf.data(), ldv);
           backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, ls, dl, !is_prefix, i0, j0, kpm,
                         pr.row_offset(b, h, i0), is_prefix ? j0 : pr.P + j0, inv_keep);
           gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f, dqacc.data(), D);
