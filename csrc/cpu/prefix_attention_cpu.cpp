@@ -136,6 +136,19 @@ struct Problem {
     if (!causal) return S;
     return std::min<int64_t>(std::max<int64_t>(i0 + m + shift(), 0), S);
   }
+  // The key blocks of a walk over query rows [i0, i0 + m) of row b: the prefix blocks, then the sequence
+  // blocks up to seq_end (seq_end(i0, m)). key_block gives block blk's kind, first key and size, and false
+  // for an all-padded sequence block (skipped).
+  int64_t key_blocks(int64_t seq_end) const {
+    return (P + kBlockK - 1) / kBlockK + (seq_end + kBlockK - 1) / kBlockK;
+  }
+  bool key_block(int64_t b, int64_t seq_end, int64_t blk, bool& is_prefix, int64_t& j0, int64_t& n) const {
+    const int64_t npb = (P + kBlockK - 1) / kBlockK;
+    is_prefix = blk < npb;
+    j0 = (is_prefix ? blk : blk - npb) * kBlockK;
+    n = std::min(kBlockK, (is_prefix ? P : seq_end) - j0);
+    return is_prefix || !all_padded(kpm_row(b), j0, n);
+  }
   uint64_t row_offset(int64_t b, int64_t h, int64_t i) const {
     return ((static_cast<uint64_t>(b) * Hq + h) * L + i) * static_cast<uint64_t>(P + S);
   }
@@ -199,14 +212,10 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
       std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
       const bool* kpm = pr.kpm_row(b);
       const int64_t seq_end = pr.seq_end(i0, m);
-      const int64_t nblocks_p = (pr.P + kBlockK - 1) / kBlockK;
-      const int64_t nblocks = nblocks_p + (seq_end + kBlockK - 1) / kBlockK;
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const bool is_prefix = blk < nblocks_p;
-        const int64_t j0 = (is_prefix ? blk : blk - nblocks_p) * kBlockK;
-        const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
-        if (!is_prefix && all_padded(kpm, j0, n)) continue;
-        int64_t ldk, ldv;
+      for (int64_t blk = 0; blk < pr.key_blocks(seq_end); ++blk) {
+        bool is_prefix;
+        int64_t j0, n, ldk, ldv;
+        if (!pr.key_block(b, seq_end, blk, is_prefix, j0, n)) continue;
         const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, kbuf.data(), ldk);
         const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, vbuf.data(), ldv);
         float* s = sbuf.data();
@@ -411,13 +420,10 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
         std::fill(dqacc.begin(), dqacc.begin() + m * D, 0.f);
         const bool* kpm = pr.kpm_row(b);
         const int64_t seq_end = pr.seq_end(i0, m);
-        const int64_t nblocks = npb + (seq_end + kBlockK - 1) / kBlockK;
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-          const bool is_prefix = blk < npb;
-          const int64_t j0 = (is_prefix ? blk : blk - npb) * kBlockK;
-          const int64_t n = std::min(kBlockK, (is_prefix ? pr.P : seq_end) - j0);
-          if (!is_prefix && all_padded(kpm, j0, n)) continue;
-          int64_t ldk, ldv;
+        for (int64_t blk = 0; blk < pr.key_blocks(seq_end); ++blk) {
+          bool is_prefix;
+          int64_t j0, n, ldk, ldv;
+          if (!pr.key_block(b, seq_end, blk, is_prefix, j0, n)) continue;
           const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, sc.kbuf.data(), ldk);
           const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, sc.vbuf.data(), ldv);
           backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, ls, dl, !is_prefix, i0, j0, kpm,
