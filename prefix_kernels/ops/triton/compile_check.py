@@ -35,10 +35,10 @@ from typing import Optional
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DEFAULT_ARCHS = (80, 90)
 AUTOTUNED = {  # TILE_CONFIGS key -> kernel function name in kernels.py
-    "fwd": "prefix_attn_fwd",
-    "bwd_dq": "prefix_attn_bwd_dq",
-    "bwd_dkdv": "prefix_attn_bwd_dkdv",
-    "bwd_prefix": "prefix_attn_bwd_prefix",
+    "fwd": "prefix_attention_fwd",
+    "bwd_dq": "prefix_attention_bwd_dq",
+    "bwd_dkdv": "prefix_attention_bwd_dkdv",
+    "bwd_prefix": "prefix_attention_bwd_dprefix",
 }
 FP32_MAX_D_PAD = 128
 BUCKETS = (64, 128, 256)
@@ -181,11 +181,11 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
         args.update(strides("o", "bhld", q_s)); args.update(strides("do", "bhld", q_s))
         args.update(Hq=HQ, L=L)
         consts = dict(D=D, D_PAD=D, BLOCK_M=job.block_m)
-        return "prefix_attn_bwd_preprocess", args, consts
+        return "prefix_attention_bwd_preprocess", args, consts
     elif job.kernel == "dropout_mask":
         args = dict(KEEP=t(torch.int8), L=L, P=P, S=S, dropout_p=scalars["dropout_p"], seed=scalars["seed"])
         consts = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
-        return "prefix_attn_dropout_mask", args, consts
+        return "prefix_attention_dropout_mask", args, consts
     else:
         raise ValueError(job.kernel)
     return AUTOTUNED[job.kernel], args, consts

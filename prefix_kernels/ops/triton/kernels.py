@@ -67,7 +67,7 @@ def _causal_seq_end(start_m, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 @autotuned_kernel("fwd")
 @triton.jit
-def prefix_attn_fwd(
+def prefix_attention_fwd(
     Q, K, V, PK, PV, KPM, PIDX, O, LSE,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -137,7 +137,7 @@ def prefix_attn_fwd(
 
 
 @triton.jit
-def prefix_attn_bwd_preprocess(
+def prefix_attention_bwd_preprocess(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
@@ -172,7 +172,7 @@ def _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, seed, row_offse
 
 @autotuned_kernel("bwd_dq")
 @triton.jit
-def prefix_attn_bwd_dq(
+def prefix_attention_bwd_dq(
     Q, K, V, PK, PV, KPM, PIDX, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -257,7 +257,7 @@ def _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, seed, r
 
 @autotuned_kernel("bwd_dkdv")
 @triton.jit
-def prefix_attn_bwd_dkdv(
+def prefix_attention_bwd_dkdv(
     Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -321,7 +321,7 @@ def prefix_attn_bwd_dkdv(
 
 @autotuned_kernel("bwd_prefix")
 @triton.jit
-def prefix_attn_bwd_prefix(
+def prefix_attention_bwd_dprefix(
     Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_pkt, stride_pkh, stride_pkp, stride_pkd,
@@ -394,7 +394,7 @@ def prefix_attn_bwd_prefix(
 
 
 @triton.jit
-def prefix_attn_dropout_mask(KEEP, L, P, S, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def prefix_attention_dropout_mask(KEEP, L, P, S, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep mask [B, Hq, L, P + S] the attention kernels draw for `seed` (for tests)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

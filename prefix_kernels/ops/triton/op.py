@@ -16,12 +16,12 @@ from torch.library import triton_op, wrap_triton
 from ..dropout import draw_seed
 from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, interpreting, plain_tile
 from .kernels import (
-    prefix_attn_bwd_dkdv,
-    prefix_attn_bwd_dq,
-    prefix_attn_bwd_prefix,
-    prefix_attn_bwd_preprocess,
-    prefix_attn_dropout_mask,
-    prefix_attn_fwd,
+    prefix_attention_bwd_dkdv,
+    prefix_attention_bwd_dq,
+    prefix_attention_bwd_dprefix,
+    prefix_attention_bwd_preprocess,
+    prefix_attention_dropout_mask,
+    prefix_attention_fwd,
 )
 
 LOG2E = math.log2(math.e)  # the kernels work in exp2: scores are pre-multiplied by scale * log2(e)
@@ -81,7 +81,7 @@ def triton_fwd(
         return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
 
     _launch(
-        prefix_attn_fwd, grid,
+        prefix_attention_fwd, grid,
         q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(out), *kpm_strides,
@@ -124,14 +124,14 @@ def triton_bwd(
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block, _, pre_warps, pre_stages = plain_tile(PREPROCESS_TILE)
     _launch(
-        prefix_attn_bwd_preprocess, (triton.cdiv(L, pre_block), B * Hq),
+        prefix_attention_bwd_preprocess, (triton.cdiv(L, pre_block), B * Hq),
         out, grad_out, delta, *_strides(out), *_strides(grad_out), Hq, L,
         D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block, num_warps=pre_warps, num_stages=pre_stages,
     )
 
     dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
     _launch(
-        prefix_attn_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
+        prefix_attention_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
         q, k, v, prefix_k, prefix_v, kpm, pidx, grad_out, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(grad_out), *_strides(dq), *kpm_strides,
@@ -142,7 +142,7 @@ def triton_bwd(
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
     if S > 0:
         _launch(
-            prefix_attn_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
+            prefix_attention_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
             q, k, v, kpm, grad_out, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             *kpm_strides,
@@ -159,7 +159,7 @@ def triton_bwd(
     dpv_acc = alloc((slots, T, Hkv, P, D), dtype=torch.float32, device=q.device)
     del consts["CAUSAL"]  # every query sees every prefix key
     _launch(
-        prefix_attn_bwd_prefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
+        prefix_attention_bwd_dprefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
         q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc,
         *_strides(q), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *_strides(grad_out),
         B, Hq, Hkv, L, S, P, T, n_splits, scale_log2, dropout_p, seed, *buckets,
@@ -202,6 +202,6 @@ def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: floa
     keep = torch.empty((B, Hq, L, P + S), dtype=torch.int8, device=device)
     block_m, block_n, warps, stages = plain_tile(DROPOUT_MASK_TILE)
     grid = (triton.cdiv(L, block_m), triton.cdiv(P + S, block_n), B * Hq)
-    prefix_attn_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n,
+    prefix_attention_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n,
                                    num_warps=warps, num_stages=stages)
     return keep.bool()
