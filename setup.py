@@ -1,4 +1,4 @@
-"""Builds the optional C++ extension `prefix_kernels._C` (CPU kernels, plus CUDA kernels with a CUDA torch).
+"""Builds the optional C++ extension `prefix_kernels.ops._C` (CPU kernels, plus CUDA kernels with a CUDA torch).
 
 Build only what the installed torch supports: a CppExtension with a CPU torch, a CUDAExtension with a CUDA
 torch and a toolkit (CUDA_HOME). Use `pip install --no-build-isolation` so that the extension is compiled
@@ -42,12 +42,12 @@ def _extensions():
         nvcc_flags = ["-O3", "-std=c++20" if _torch_wants_cxx20() else "-std=c++17", "--use_fast_math", "-lineinfo",
                       "--resource-usage"]
         ext = CUDAExtension(
-            "prefix_kernels._C", cpp_sources + cuda_sources,
+            "prefix_kernels.ops._C", cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DPREFIX_KERNELS_WITH_CUDA"], "nvcc": nvcc_flags},
             extra_link_args=["-fopenmp"], py_limited_api=False,
         )
     else:
-        ext = CppExtension("prefix_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+        ext = CppExtension("prefix_kernels.ops._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                            extra_link_args=["-fopenmp"], py_limited_api=False)
     return [ext], {"build_ext": BuildExtension}
 

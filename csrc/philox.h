@@ -1,5 +1,6 @@
 // Dropout RNG shared by the C++ CPU and CUDA kernels: Triton's Philox4x32-10 (tl.rand), bit for bit, so that
-// every backend draws the same dropout mask for the same seed (DESIGN.md "The op", dropout).
+// every backend draws the same dropout mask for the same seed (docs/op.md, dropout; prefix_kernels/ops/dropout.py
+// is the same generator in torch).
 //
 // keep(b, h, i, c) for key column c in [0, P + S) (prefix columns first) uses the counter
 //   offset = ((b * Hq + h) * L + i) * (P + S) + c      (uint64)

@@ -1,12 +1,14 @@
-"""Shapes, inputs and the accuracy criterion shared by the backend tests."""
+"""Shapes, inputs, the backends under test and the accuracy criterion shared by the backend tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import pytest
 import torch
 
-import prefix_kernels
+from prefix_kernels.ops import available_backends, prefix_attention, reference_prefix_attention
+from prefix_kernels.ops.triton import interpreting
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class Case:
 
 
 BASE = Case()
-# The coverage list of the core-op issue, one knob at a time around BASE.
+# The coverage list of the op, one knob at a time around BASE: causal / bidirectional, P = 0 (with a row that
+# sees no key), P = 1, P > S, decode (L = 1), S > L, L > S, head dims 32..256 (powers of two or not), GQA /
+# MQA / MHA, padding, left padding, T prefixes, the transposed "hf" layout and odd strides.
 SWEEP = [
     BASE,
     replace(BASE, causal=False),
@@ -72,6 +76,49 @@ SWEEP = [
 ]
 
 
+# ---- the backends under test --------------------------------------------------------------------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def in_interpreter(backend: str, device: str) -> bool:
+    """The triton kernels run in Triton's interpreter (CPU tensors): slow, so tests keep its shapes tiny."""
+    return backend == "triton" and device == "cpu" and interpreting()
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    # bf16 `tl.dot` is wrong in Triton's interpreter (errors ~1e8); bf16 triton runs on a GPU.
+    return [torch.float32, torch.float16] if in_interpreter(backend, device) else ALL_DTYPES
+
+
+def targets(*, include_reference: bool = True) -> list:
+    """pytest params (backend, device) for every backend available on every device here: on CPU the
+    reference, the C++ kernels and triton under TRITON_INTERPRET=1; with a GPU also triton, cuda and the
+    reference on CUDA tensors (`gpu` marker)."""
+    params = []
+    for device in DEVICES:
+        for name in available_backends(device):
+            if name == "reference" and not include_reference:
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return params
+
+
+def target_dtypes() -> list:
+    """pytest params (backend, device, dtype) over `targets()` and each target's dtypes."""
+    params = []
+    for p in targets():
+        name, device = p.values
+        for dtype in dtypes_for(name, device):
+            params.append(pytest.param(name, device, dtype, id=f"{p.id}-{str(dtype)[6:]}", marks=p.marks))
+    return params
+
+
+# ---- inputs and the criterion -------------------------------------------------------------------------------
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
@@ -96,7 +143,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> d
     kwargs = dict(causal=case.causal)
     if case.padding or case.left_pad:
         mask = torch.rand(case.B, case.S, generator=gen) > 0.3 if case.padding else torch.ones(case.B, case.S) > 0
-        mask[:, -1] = True  # keep a real token per row by default ...
+        if case.S:
+            mask[:, -1] = True  # keep a real token per row by default ...
         if case.padding and case.P == 0 and case.B > 1:
             mask[0] = False  # ... except a fully padded row, which must give zeros and zero gradients
         mask[:, : case.left_pad] = False
@@ -117,23 +165,44 @@ def run_with_grads(fn, tensors: dict, kwargs: dict, grad_out: torch.Tensor, dtyp
     return out.detach(), {n: leaves[n].grad for n in GRAD_NAMES}
 
 
+def op_call(backend: str, *, dropout_p: float = 0.0, seed: int = 0, deterministic: bool = True):
+    """The backend's forward op with an explicit dropout seed, called like `prefix_attention` (returns out)."""
+    fwd = getattr(torch.ops.prefix_kernels, f"{backend}_fwd").default
+
+    def call(q, k, v, prefix_k, prefix_v, *, causal=True, key_padding_mask=None, prefix_index=None, scale=None):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        out, _lse = fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, float(scale),
+                        float(dropout_p), seed, deterministic)
+        return out
+
+    return call
+
+
 # The error floor absorbs the cases where the low-precision reference happens to be near exact.
 ABS_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
-def assert_matches_reference(case: Case, dtype: torch.dtype, device: str, backend: str, **extra) -> dict:
+def assert_matches_reference(case: Case, dtype: torch.dtype, device: str, backend: str, *,
+                             dropout_p: float = 0.0, seed: int | None = None, deterministic: bool = True) -> dict:
     """flash-attention's criterion: the backend's max error against the float64 reference is at most twice
-    that of the reference computed in the same dtype (plus a small floor)."""
+    that of the reference computed in the same dtype (plus a small floor), for the output and all five
+    gradients. With `seed`, the backend's op runs with that dropout seed and the reference draws the same
+    mask (dropout replay); without it, through `prefix_attention`."""
     data = make_inputs(case, dtype, device)
-    kwargs = {**data["kwargs"], **extra}
-    oracle_out, oracle_grads = run_with_grads(prefix_kernels.reference_prefix_attention, data["tensors"],
-                                              {k: v for k, v in kwargs.items() if k != "deterministic"},
+    kwargs = data["kwargs"]
+    ref_kwargs = dict(kwargs, dropout_p=dropout_p, seed=seed)
+    oracle_out, oracle_grads = run_with_grads(reference_prefix_attention, data["tensors"], ref_kwargs,
                                               data["grad_out"], dtype=torch.float64)
-    same_out, same_grads = run_with_grads(prefix_kernels.reference_prefix_attention, data["tensors"],
-                                          {k: v for k, v in kwargs.items() if k != "deterministic"},
+    same_out, same_grads = run_with_grads(reference_prefix_attention, data["tensors"], ref_kwargs,
                                           data["grad_out"])
-    out, grads = run_with_grads(lambda **kw: prefix_kernels.prefix_attention(**kw, backend=backend),
-                                data["tensors"], kwargs, data["grad_out"])
+    if seed is None:
+        assert dropout_p == 0.0, "dropout is compared through an explicit seed"
+
+        def fn(**kw):
+            return prefix_attention(**kw, backend=backend, deterministic=deterministic)
+    else:
+        fn = op_call(backend, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
+    out, grads = run_with_grads(fn, data["tensors"], kwargs, data["grad_out"])
     assert out.dtype == dtype and out.shape == (case.B, case.Hq, case.L, case.D)
     assert torch.isfinite(out).all()
     report = {}

@@ -1,10 +1,10 @@
 """Every malformed call raises ValueError/TypeError naming the argument and what was expected, before any
-kernel runs (DESIGN.md, last bullet of "The op")."""
+kernel runs (docs/op.md, "Bad input")."""
 
 import pytest
 import torch
 
-from prefix_kernels import prefix_attention
+from prefix_kernels.ops import available_backends, backends, prefix_attention, reference_prefix_attention
 
 
 def good(B=2, Hq=4, Hkv=2, L=5, S=6, P=3, D=8, dtype=torch.float32):
@@ -71,12 +71,11 @@ CASES = [
 
 @pytest.mark.parametrize("args,kwargs,exc,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_named(args, kwargs, exc, words, monkeypatch):
-    from prefix_kernels.ops import dispatch
+    def no_kernel(record):
+        raise AssertionError(f"the {record.name} op was reached before validation failed")
 
-    def no_kernel(name):
-        raise AssertionError(f"backend {name} was reached before validation failed")
-
-    monkeypatch.setattr(dispatch, "backend_function", no_kernel)
+    monkeypatch.setattr(backends.Backend, "fwd", property(no_kernel))
+    monkeypatch.setattr(backends.Backend, "bwd", property(no_kernel))
     with pytest.raises(exc) as info:
         prefix_attention(**args, **kwargs)
     for word in words:
@@ -89,7 +88,7 @@ def test_unavailable_backend_says_why(monkeypatch):
         prefix_attention(**good(), backend="triton")
 
 
-# ---- issue 7 (reliability): more malformed calls, one row of docs/bad_input.md each ----------------------------
+# ---- more malformed calls, one row of docs/bad_input.md each -------------------------------------------------
 
 def _multi(T=2):
     return with_(prefix_k=torch.randn(T, 2, 3, 8), prefix_v=torch.randn(T, 2, 3, 8))
@@ -140,30 +139,20 @@ def test_more_bad_input_is_named(args, kwargs, exc, words, monkeypatch):
     test_bad_input_is_named(args, kwargs, exc, words, monkeypatch)
 
 
-def _backends():
-    from prefix_kernels.ops.dispatch import available_backends
-
-    return available_backends("cpu")
-
-
 @pytest.mark.parametrize("D", [1, 7, 200, 256])
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_any_head_dim_up_to_256_runs(backend, D):
     """Head dims that are not a power of two (or tiny) are supported by every backend, not a fault."""
-    import prefix_kernels
-
     args = good(B=1, Hq=2, Hkv=1, L=3, S=4, P=2, D=D)
     out = prefix_attention(**args, backend=backend)
-    want = prefix_kernels.reference_prefix_attention(**{k: t.double() for k, t in args.items()})
+    want = reference_prefix_attention(**{k: t.double() for k, t in args.items()})
     assert (out.double() - want).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_odd_strides_are_safe(backend):
     """A stride-0 (expanded) prefix, a storage offset, a non-contiguous mask and a GQA group of 4: no
     out-of-bounds read, the same result as contiguous copies."""
-    import prefix_kernels
-
     base = good(B=2, Hq=4, Hkv=1, L=3, S=5, P=2, D=8)
     big_q = torch.randn(3, 4, 3, 8)
     q = big_q[1:]  # storage offset
@@ -172,6 +161,6 @@ def test_odd_strides_are_safe(backend):
     mask[1, 0] = False
     args = dict(base, q=q, prefix_k=pk)
     out = prefix_attention(**args, key_padding_mask=mask, backend=backend)
-    want = prefix_kernels.reference_prefix_attention(**{k: t.double().contiguous() for k, t in args.items()},
-                                                     key_padding_mask=mask.contiguous())
+    want = reference_prefix_attention(**{k: t.double().contiguous() for k, t in args.items()},
+                                      key_padding_mask=mask.contiguous())
     assert (out.double() - want).abs().max() < 1e-5

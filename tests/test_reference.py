@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from attention_cases import BASE, Case, make_inputs
 
-from prefix_kernels import reference_prefix_attention
+from prefix_kernels.ops import reference_prefix_attention
 from prefix_kernels.ops.masks import visible_keys
 
 
@@ -46,10 +46,43 @@ def test_causal_is_bottom_right_aligned():
 
 
 def test_reference_rows_without_keys_are_zero_without_nan():
-    q, k, v = torch.randn(2, 1, 3, 8, dtype=torch.float64, requires_grad=True), torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)
+    q = torch.randn(2, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(2, 1, 3, 8, dtype=torch.float64), torch.randn(2, 1, 3, 8, dtype=torch.float64)
     empty = torch.zeros(1, 0, 8, dtype=torch.float64)
     mask = torch.tensor([[False, False, False], [True, True, True]])
     out = reference_prefix_attention(q, k, v, empty, empty, key_padding_mask=mask)
     out.sum().backward()
     assert out[0].abs().max() == 0 and torch.isfinite(out).all()
     assert q.grad[0].abs().max() == 0 and torch.isfinite(q.grad).all()
+
+
+def test_reference_dropout_draws_the_keep_mask_of_its_seed():
+    """`seed` replays `dropout_keep_mask(seed)` (what every backend drops); kept probabilities are scaled."""
+    from prefix_kernels.ops.dropout import dropout_keep_mask
+
+    case = replace(BASE, padding=True, T=2, B=3)
+    data = make_inputs(case, torch.float64, "cpu")
+    p, seed = 0.4, 2**33 + 5
+    keep = dropout_keep_mask(case.B, case.Hq, case.L, case.P, case.S, p, seed)
+    by_seed = reference_prefix_attention(**data["tensors"], **data["kwargs"], dropout_p=p, seed=seed)
+    by_mask = reference_prefix_attention(**data["tensors"], **data["kwargs"], dropout_p=p, dropout_mask=keep)
+    assert torch.equal(by_seed, by_mask)
+    everything = reference_prefix_attention(**data["tensors"], **data["kwargs"], dropout_p=p,
+                                            dropout_mask=torch.ones_like(keep))
+    plain = reference_prefix_attention(**data["tensors"], **data["kwargs"])
+    torch.testing.assert_close(everything, plain / (1 - p))
+    assert (by_seed - everything).abs().max() > 1e-3
+
+
+def test_reference_backend_dropout_is_a_bernoulli_draw_from_the_seed():
+    """The reference backend drops like eager attention: one torch Bernoulli draw per probability, from a
+    generator seeded by the call's seed (not the kernels' Philox stream, which costs ~100 integer ops each)."""
+    case = replace(BASE, padding=True, B=3, T=2)
+    data = make_inputs(case, torch.float64, "cpu")
+    t, kw = data["tensors"], data["kwargs"]
+    p, seed = 0.3, 2**35 + 3
+    out, _ = torch.ops.prefix_kernels.reference_fwd(*t.values(), kw["key_padding_mask"], kw["prefix_index"],
+                                                    kw["causal"], case.D**-0.5, p, seed, True)
+    draws = torch.rand(case.B, case.Hq, case.L, case.P + case.S, generator=torch.Generator().manual_seed(seed))
+    want = reference_prefix_attention(**t, **kw, dropout_p=p, dropout_mask=draws >= p)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -1,136 +1,137 @@
-"""The triton backend against the float64 reference: output and all five gradients.
+"""What only the triton backend has: its tile configurations, the atomic (non-deterministic) prefix reduction.
 
-Without a GPU these run the real kernels in Triton's interpreter (fp32, fp16; bf16 `tl.dot` is broken in the
-interpreter), with one the same sweep runs on the device in fp16, bf16 and fp32 (`gpu` marker).
+Everything every backend shares (the sweep against the float64 oracle, dropout, determinism, compile, opcheck,
+output_mask, layouts) is in test_backends.py. Without a GPU the kernels run in Triton's interpreter on CPU
+tensors (TRITON_INTERPRET=1, set by conftest.py), so the shapes here stay tiny; the `gpu` tests run each
+shipped tile configuration on the device.
 """
+
+from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
 import torch
-from attention_cases import BASE, SWEEP, Case, assert_matches_reference, make_inputs, run_with_grads
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from attention_cases import BASE, Case, assert_matches_reference
 
-import prefix_kernels
-from prefix_kernels.ops.dropout import draw_seed
-from prefix_kernels.ops.triton.op import triton_dropout_mask
+from prefix_kernels.ops import available_backends
 
-CPU_DTYPES = [torch.float32, torch.float16]
-GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
+                                reason=f"the triton backend is unavailable on {DEVICE}")
+
+if "triton" in available_backends(DEVICE):
+    from prefix_kernels.ops.triton import configs, kernels, launch
+
+    # The autotuned kernels, by their key in configs.TILE_CONFIGS.
+    AUTOTUNED = {"fwd": kernels.prefix_attention_fwd, "bwd_dq": kernels.prefix_attention_bwd_dq,
+                 "bwd_dkdv": kernels.prefix_attention_bwd_dkdv, "bwd_dprefix": kernels.prefix_attention_bwd_dprefix}
+    SHIPPED = [(kernel, bucket, tile) for kernel, buckets in configs.TILE_CONFIGS.items()
+               for bucket, tiles in buckets.items() for tile in tiles]
+else:
+    SHIPPED = []
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("case", SWEEP, ids=Case.id)
-def test_sweep_interpreter(case, dtype):
-    assert_matches_reference(case, dtype, "cpu", "triton")
+def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> list:
+    """Launch the named kernels with the given (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
+    autotuner's choice (under pytest it pins the first config of each head-dim bucket): every launch goes
+    through `launch._launch`, which here calls the autotuner's underlying kernel with explicit meta-parameters
+    (the grids read BLOCK_M / BLOCK_N from them). Returns the list of forced launches, (kernel, tile)."""
+    launched = []
+    original = launch._launch
+
+    def forced(kernel, grid, *args, **kwargs):
+        for name, autotuned in AUTOTUNED.items():
+            if kernel is autotuned and name in tiles:
+                block_m, block_n, warps, stages = tiles[name]
+                launched.append((name, tiles[name]))
+                kernel.fn[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                                num_stages=stages)
+                return
+        original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", forced)
+    return launched
+
+
+# Several blocks of the largest tiles (128 rows) with ragged edges, causal with S > L, padding, GQA.
+HEAD_DIM_OF_BUCKET = {64: 64, 128: 96, 256: 200}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("case", SWEEP + [replace(c, B=3, L=4 * c.L + 61, S=4 * c.S + 61) for c in SWEEP[:12]],
-                         ids=Case.id)
-def test_sweep_gpu(case, dtype):
-    assert_matches_reference(case, dtype, "cuda", "triton")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kernel,bucket,tile,deterministic",
+                         [(k, b, t, d) for k, b, t in SHIPPED
+                          for d in ([True, False] if k == "bwd_dprefix" else [True])],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_every_shipped_tile_config(monkeypatch, kernel, bucket, tile, deterministic, dtype):
+    """Each entry of configs.TILE_CONFIGS, forced on its kernel, against the float64 oracle."""
+    case = Case(B=2, Hq=4, Hkv=2, L=150, S=170, P=130, D=HEAD_DIM_OF_BUCKET[bucket], padding=True)
+    launched = force_tiles(monkeypatch, {kernel: tile})
+    assert_matches_reference(case, dtype, "cuda", "triton", deterministic=deterministic)
+    assert launched == [(kernel, tile)], launched
+
+
+# Tiles no pinned config uses, all four kernels at once, with several blocks per row at the interpreter's size.
+SMALL_TILES = {"fwd": (16, 32, 4, 1), "bwd_dq": (32, 16, 4, 1), "bwd_dkdv": (32, 16, 4, 1),
+               "bwd_dprefix": (16, 32, 4, 1)}
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_forced_tiles_run_and_match_the_reference(monkeypatch, deterministic):
+    """The forcing mechanism of the test above, on tiles other than the pinned ones (the interpreter's is
+    16 x 16): every kernel really runs with the forced tile, and the result is still the oracle's."""
+    case = Case(B=1, Hq=2, Hkv=1, L=20, S=37, P=33, D=16, padding=True)
+    launched = force_tiles(monkeypatch, SMALL_TILES)
+    assert_matches_reference(case, torch.float32, DEVICE, "triton", deterministic=deterministic)
+    assert sorted(launched) == sorted(SMALL_TILES.items()), launched
+
+
+def test_tile_configs_are_well_formed():
+    """Every kernel has tiles for every head-dim bucket; blocks are powers of two the kernels can `tl.dot`."""
+    for kernel, buckets in configs.TILE_CONFIGS.items():
+        assert sorted(buckets) == [64, 128, 256], kernel
+        for bucket, tiles in buckets.items():
+            assert tiles and len(set(tiles)) == len(tiles), (kernel, bucket)
+            for block_m, block_n, warps, stages in tiles:
+                for block in (block_m, block_n):
+                    assert block >= 16 and block & (block - 1) == 0, (kernel, bucket, block)
+                assert warps in (1, 2, 4, 8, 16) and stages >= 1, (kernel, bucket)
+    assert configs.head_dim_bucket(16) == configs.head_dim_bucket(64) == 64
+    assert configs.head_dim_bucket(128) == 128 and configs.head_dim_bucket(256) == 256
+
+
+@pytest.mark.gpu
+def test_autotuner_offers_every_shipped_config():
+    """Outside pytest the autotuner chooses among all shipped tiles of the call's head-dim bucket."""
+    for kernel in AUTOTUNED:
+        offered = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   for c in configs.all_configs(kernel)}
+        shipped = {t for tiles in configs.TILE_CONFIGS[kernel].values() for t in tiles}
+        assert offered == shipped, kernel
+
+
+def test_interpreter_and_pytest_pin_one_config():
+    """Tests never spend their time tuning: one config per kernel and head dim."""
+    assert configs.pinned()
+    for kernel in AUTOTUNED:
+        for d_pad in (16, 64, 128, 256):
+            assert len(configs.configs_for(kernel, d_pad)) == 1
+
+
+# ---- the atomic prefix reduction (deterministic=False) ------------------------------------------------------
+
+
+def test_atomic_prefix_reduction_matches_reference():
+    """deterministic=False adds the prefix gradients with fp32 atomics: not bitwise repeatable, but as
+    accurate as the default."""
+    assert_matches_reference(replace(BASE, B=3, T=2, L=9, S=11), torch.float32, DEVICE, "triton",
+                             deterministic=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_gpu_prefix_gradient_repeatability(deterministic):
+def test_prefix_reduction_on_many_blocks(deterministic):
+    """A batch large enough for every prefix split of the reduction (MAX_PREFIX_SPLITS), both modes."""
     case = replace(BASE, B=16, L=300, S=300, P=64, D=128, Hq=8, Hkv=2)
-    data = make_inputs(case, torch.bfloat16, "cuda")
-    runs = [run_with_grads(lambda **kw: prefix_kernels.prefix_attention(**kw, backend="triton",
-                                                                        deterministic=deterministic),
-                           data["tensors"], data["kwargs"], data["grad_out"])[1] for _ in range(3)]
-    if deterministic:
-        for other in runs[1:]:
-            for name in runs[0]:
-                assert torch.equal(runs[0][name], other[name]), name
     assert_matches_reference(case, torch.bfloat16, "cuda", "triton", deterministic=deterministic)
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def test_atomic_prefix_reduction_matches_reference():
-    assert_matches_reference(replace(BASE, B=3, T=2), torch.float32, DEVICE, "triton", deterministic=False)
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    B=st.integers(1, 3), group=st.sampled_from([1, 2, 3]), Hkv=st.integers(1, 2), L=st.integers(1, 24),
-    extra_s=st.integers(0, 12), P=st.integers(0, 24), D=st.sampled_from([16, 24, 32, 40]),
-    causal=st.booleans(), padding=st.booleans(), layout=st.sampled_from(["contiguous", "hf"]),
-)
-def test_random_shapes(B, group, Hkv, L, extra_s, P, D, causal, padding, layout):
-    case = Case(B=B, Hq=group * Hkv, Hkv=Hkv, L=L, S=L + extra_s, P=P, D=D, causal=causal, padding=padding,
-                layout=layout)
-    assert_matches_reference(case, torch.float32, DEVICE, "triton")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", [replace(BASE, P=19, S=23, L=20), replace(BASE, B=3, T=2, causal=False,
-                                                                           padding=True)], ids=Case.id)
-def test_dropout_replays_through_reference(case, dtype):
-    """The backward regenerates the forward's dropout mask: replaying that mask through the reference gives
-    the same output and gradients."""
-    p = 0.3
-    data = make_inputs(case, dtype, DEVICE)
-    torch.manual_seed(1234)
-    out, grads = run_with_grads(lambda **kw: prefix_kernels.prefix_attention(**kw, backend="triton", dropout_p=p),
-                                data["tensors"], data["kwargs"], data["grad_out"])
-    torch.manual_seed(1234)
-    keep = triton_dropout_mask(case.B, case.Hq, case.L, case.P, case.S, p, draw_seed(p), DEVICE)
-    assert keep.shape == (case.B, case.Hq, case.L, case.P + case.S)
-    ref_out, ref_grads = run_with_grads(prefix_kernels.reference_prefix_attention, data["tensors"],
-                                        {**data["kwargs"], "dropout_p": p, "dropout_mask": keep},
-                                        data["grad_out"], dtype=torch.float64)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
-    for name in grads:
-        torch.testing.assert_close(grads[name].double(), ref_grads[name], atol=tol, rtol=tol, msg=name)
-    # The dropout really drops: without the mask the reference differs.
-    plain = prefix_kernels.reference_prefix_attention(**{n: t.double() for n, t in data["tensors"].items()},
-                                                      **data["kwargs"])
-    assert (plain - ref_out).abs().max() > 1e-2
-
-
-def test_dropout_rate_and_seeding():
-    B, Hq, L, P, S, p = 2, 3, 40, 24, 40, 0.25
-    keep = triton_dropout_mask(B, Hq, L, P, S, p, seed=987654321, device=DEVICE)
-    rate = keep.float().mean().item()
-    n = keep.numel()
-    assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5, rate
-    assert torch.equal(keep, triton_dropout_mask(B, Hq, L, P, S, p, seed=987654321, device=DEVICE))
-    assert not torch.equal(keep, triton_dropout_mask(B, Hq, L, P, S, p, seed=987654322, device=DEVICE))
-    # Prefix and sequence columns are drawn independently per (row, head, query).
-    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0], keep[1])
-
-
-def test_dropout_follows_torch_manual_seed():
-    data = make_inputs(BASE, torch.float32, DEVICE)
-    outs = []
-    for seed in (7, 7, 8):
-        torch.manual_seed(seed)
-        outs.append(prefix_kernels.prefix_attention(**data["tensors"], **data["kwargs"], dropout_p=0.5,
-                                                    backend="triton"))
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
-
-
-@pytest.mark.gpu
-def test_torch_compile_traces_the_op():
-    """triton_op makes the kernels visible to torch.compile: a compiled function runs, with gradients.
-    (Under the interpreter wrap_triton returns the plain kernel, which fake tensors cannot trace.)"""
-    data = make_inputs(BASE, torch.float32, "cuda")
-
-    def layer(q, k, v, prefix_k, prefix_v):
-        return prefix_kernels.ops.triton.op.triton_prefix_attention(
-            q * 2, k, v, prefix_k, prefix_v, causal=True, key_padding_mask=None, scale=0.125, dropout_p=0.0,
-            prefix_index=None, deterministic=True).sum(-1)
-
-    compiled = torch.compile(layer, fullgraph=True)
-    eager_out, eager_grads = run_with_grads(layer, data["tensors"], {}, torch.ones(BASE.B, BASE.Hq, BASE.L))
-    out, grads = run_with_grads(compiled, data["tensors"], {}, torch.ones(BASE.B, BASE.Hq, BASE.L))
-    torch.testing.assert_close(out, eager_out)
-    for name in grads:
-        torch.testing.assert_close(grads[name], eager_grads[name])

@@ -1,33 +1,40 @@
-// CPU kernels of prefix_kernels::cpp_fwd / cpp_bwd / cpp_dropout_mask (DESIGN.md "The op").
+// CPU implementations of prefix_kernels::cpu_fwd and cpu_bwd (the op contract: docs/op.md).
 //
 // Flash-style: each task owns a block of at most kBlockQ queries of one (row, head), or in a decode-like
-// forward every query of a GQA group, and walks the key blocks (prefix first, then the
-// sequence) with an online softmax, so no [L, P + S] score matrix exists. Tiles are converted to fp32 once
-// per block (fp32 inputs with contiguous rows are used in place); the matrix products and the softmax of a
-// tile run in block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Backward recomputes the
-// probabilities from the saved lse:
-//   fused   per (chunk of batch rows, kv head): every key block, prefix then sequence, against every visible
-//           query block of the group's heads; each tile computed once gives dq (accumulated per row in fp32),
-//           the sequence dk/dv, and the chunk's fp32 prefix partial sums [T, Hkv, P, D]
-//   or, when that leaves fewer tasks than threads (small B * Hkv), three passes with more tasks:
-//   pass 1  dq        per (b, h, query block)
-//   pass 2  dk, dv    per (b, kv head, sequence key block), looping over the group's heads and visible queries
-//   pass 3  dprefix   per (chunk, kv head, prefix key block)
-// Both add the same terms in the same order (bitwise the same results, so the thread count may choose). The
-// batch rows are split into a fixed number of chunks (a function of B only), each chunk sums the prefix
-// gradients into its own buffer, and the chunks are added in order: the same bits for any thread count, and
-// no tensor of B * P K/V elements.
+// forward every query of a GQA group, and walks the key blocks (prefix first, then the sequence) with an
+// online softmax, so no [L, P + S] score matrix exists. Tiles are converted to fp32 once per block (fp32
+// inputs with contiguous rows are used in place); the matrix products and the softmax of a tile run in
+// block_math.cpp (AVX2/FMA or baseline loops, chosen at load time). Inputs and outputs are read and written
+// through their strides. Backward recomputes the probabilities from the saved lse after bwd_preprocess
+// (delta = rowsum(dO * O)), in one of two schedules:
+//   fused        per (chunk of batch rows, kv head): every key block, prefix then sequence, against every
+//                visible query block of the group's heads; each tile computed once gives dq (accumulated
+//                per row in fp32), the sequence dk/dv, and the chunk's fp32 prefix partial sums
+//                [T, Hkv, P, D]. Used when dq and a key gradient are wanted (the tiles are shared) and the
+//                (chunk, kv head) tasks fill the threads;
+//   three passes with more tasks each, any of them skipped when its gradient is not wanted:
+//     bwd_dq       per (b, h, query block)
+//     bwd_dkdv     per (b, kv head, sequence key block), looping over the group's heads and visible queries
+//     bwd_dprefix  per (chunk, kv head, prefix key block)
+// Both add the same terms in the same order (bitwise the same results, so the thread count and the
+// output_mask may choose). The batch rows are split into a fixed number of chunks (a function of B only),
+// each chunk sums the prefix gradients into its own buffer, and bwd_dprefix_reduce adds the chunks in order:
+// the same bits for any thread count, and no tensor of B * P K/V elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../philox.h"
+#include "../problem.h"
 #include "block_math.h"
 
 namespace prefix_kernels {
@@ -49,16 +56,44 @@ struct View4 {
   const T* at(int64_t i0, int64_t i1, int64_t i2) const { return p + i0 * s0 + i1 * s1 + i2 * s2; }
 };
 
-// `n` rows of D values (row stride s_row, column stride s_col) as fp32 rows; returns the rows and sets ld.
-// fp32 rows with contiguous columns are returned in place, everything else is converted into `buf`.
+// The writable view of an output; a default-constructed one stands for a gradient that is not wanted.
 template <typename T>
-inline const float* load_rows(const T* p, int64_t s_row, int64_t s_col, int64_t n, int64_t D, float* buf,
-                              int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (s_col == 1 && (s_row >= D || n == 1)) {
-      ld = n == 1 ? D : s_row;
-      return p;
+struct OutView4 {
+  T* p = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  OutView4() = default;
+  OutView4(const at::Tensor& t)
+      : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  T* at(int64_t i0, int64_t i1, int64_t i2) const { return p + i0 * s0 + i1 * s1 + i2 * s2; }
+  // Rows j0 .. j0 + n - 1 of head slice (i0, i1) = the n fp32 rows of D values at src, cast to T.
+  void store(int64_t i0, int64_t i1, int64_t j0, const float* src, int64_t n, int64_t D) const {
+    for (int64_t r = 0; r < n; ++r) {
+      T* dst = at(i0, i1, j0 + r);
+      const float* row = src + r * D;
+      if (s3 == 1) {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(row[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d * s3] = static_cast<T>(row[d]);
+      }
     }
+  }
+};
+
+// Prefix tensors as [T, Hkv, P, D] views (a 3-d prefix is T = 1).
+inline at::Tensor as_prefix_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
+// fp32 rows: row r at p + r * ld.
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+
+// `n` rows of D values (row stride s_row, column stride s_col) as fp32 rows. fp32 rows with contiguous
+// columns are returned in place, everything else is converted into `buf`.
+template <typename T>
+inline Rows load_rows(const T* p, int64_t s_row, int64_t s_col, int64_t n, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s_col == 1 && (s_row >= D || n == 1)) return {p, n == 1 ? D : s_row};
   }
   for (int64_t r = 0; r < n; ++r) {
     const T* src = p + r * s_row;
@@ -69,15 +104,13 @@ inline const float* load_rows(const T* p, int64_t s_row, int64_t s_col, int64_t 
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d * s_col]);
     }
   }
-  ld = D;
-  return buf;
+  return {buf, D};
 }
 
 // Rows j0 .. j0 + n - 1 of head slice (i0, i1) of a [., ., rows, D] view as fp32 rows (load_rows).
 template <typename T>
-inline const float* block_rows(const View4<T>& x, int64_t i0, int64_t i1, int64_t j0, int64_t n, int64_t D, float* buf,
-                               int64_t& ld) {
-  return load_rows(x.at(i0, i1, j0), x.s2, x.s3, n, D, buf, ld);
+inline Rows block_rows(const View4<T>& x, int64_t i0, int64_t i1, int64_t j0, int64_t n, int64_t D, float* buf) {
+  return load_rows(x.at(i0, i1, j0), x.s2, x.s3, n, D, buf);
 }
 
 // Hide sequence keys [j0, j0 + n) of query rows [i0, i0 + m): padding and causal (j <= i + shift).
@@ -112,15 +145,11 @@ inline void dropout_tile(float* z, int64_t m, int64_t n, uint64_t seed, uint64_t
     dropout_row(z + r * n, n, seed, row_offset + static_cast<uint64_t>(r) * PS + col0, dropout_p, inv_keep);
 }
 
-struct Problem {
-  int64_t B, Hq, Hkv, group, L, S, P, D, T;
-  bool causal;
-  float scale;
-  float dropout_p;
-  uint64_t seed;
-  const bool* kpm;          // [B, S] or null
-  const int64_t* pindex;    // [B] or null
-  int64_t nqb;              // query blocks per (b, h)
+// The problem plus what the CPU block walk needs: the mask and index data, and the block counts.
+struct CpuProblem : Problem {
+  const bool* kpm = nullptr;        // [B, S] or null
+  const int64_t* pindex = nullptr;  // [B] or null
+  int64_t nqb = 0;                  // query blocks per (b, h)
   // Decode-like forwards stack the GQA group's queries (every query of the group's heads) in one tile, so each
   // K/V tile is read once per KV head instead of once per query head, when that leaves a task per thread.
   // At most kStackRows rows: like a single head's rows they take gemm_rm's dot-product path, so each row's
@@ -137,16 +166,16 @@ struct Problem {
     return std::min<int64_t>(std::max<int64_t>(i0 + m + shift(), 0), S);
   }
   // The key blocks of a walk over query rows [i0, i0 + m) of row b: the prefix blocks, then the sequence
-  // blocks up to seq_end (seq_end(i0, m)). key_block gives block blk's kind, first key and size, and false
-  // for an all-padded sequence block (skipped).
+  // blocks up to seq_end (seq_end(i0, m)). key_block gives block blk's kind, first key and size (a sequence
+  // block ends at `end`, at most), and false for an all-padded sequence block (skipped).
   int64_t key_blocks(int64_t seq_end) const {
     return (P + kBlockK - 1) / kBlockK + (seq_end + kBlockK - 1) / kBlockK;
   }
-  bool key_block(int64_t b, int64_t seq_end, int64_t blk, bool& is_prefix, int64_t& j0, int64_t& n) const {
+  bool key_block(int64_t b, int64_t end, int64_t blk, bool& is_prefix, int64_t& j0, int64_t& n) const {
     const int64_t npb = (P + kBlockK - 1) / kBlockK;
     is_prefix = blk < npb;
     j0 = (is_prefix ? blk : blk - npb) * kBlockK;
-    n = std::min(kBlockK, (is_prefix ? P : seq_end) - j0);
+    n = std::min(kBlockK, (is_prefix ? P : end) - j0);
     return is_prefix || !all_padded(kpm_row(b), j0, n);
   }
   uint64_t row_offset(int64_t b, int64_t h, int64_t i) const {
@@ -154,11 +183,28 @@ struct Problem {
   }
 };
 
-// Prefix tensors as [T, Hkv, P, D] views (a 3-d prefix is T = 1).
-template <typename T>
-View4<T> prefix_view(const at::Tensor& t) {
-  return View4<T>(t.dim() == 3 ? t.unsqueeze(0) : t);
+// check_inputs' problem with contiguous copies of the mask and the index (kept alive by the caller in kpm_c,
+// pidx_c). The prefix_index range check lives here: the CUDA implementation cannot read the index without a
+// sync, and an index out of range would read outside the prefix bank.
+CpuProblem cpu_problem(const Problem& base, const std::optional<at::Tensor>& kpm,
+                       const std::optional<at::Tensor>& pidx, at::Tensor& kpm_c, at::Tensor& pidx_c) {
+  CpuProblem pr;
+  static_cast<Problem&>(pr) = base;
+  if (pidx.has_value()) {
+    pidx_c = pidx->contiguous();
+    pr.pindex = pidx_c.data_ptr<int64_t>();
+    for (int64_t b = 0; b < pr.B; ++b)
+      PREFIX_KERNELS_CHECK(pr.pindex[b] >= 0 && pr.pindex[b] < pr.T, "prefix_index out of range [0, ", pr.T, ")");
+  }
+  if (kpm.has_value()) {
+    kpm_c = kpm->contiguous();
+    pr.kpm = kpm_c.data_ptr<bool>();
+  }
+  pr.nqb = (pr.L + kBlockQ - 1) / kBlockQ;
+  return pr;
 }
+
+// ---- forward ----------------------------------------------------------------------------------------------
 
 // The query rows of one forward task: `nh` runs of the `m` queries [i0, i0 + m) of heads h0 .. h0 + nh - 1 (all
 // on KV head hk), stacked as the rows of one tile.
@@ -166,9 +212,11 @@ struct RowBlock {
   int64_t b, hk, h0, nh, i0, m;
 };
 
-inline int64_t forward_tasks(const Problem& pr, bool stack) { return stack ? pr.B * pr.Hkv : pr.B * pr.Hq * pr.nqb; }
+inline int64_t forward_tasks(const CpuProblem& pr, bool stack) {
+  return stack ? pr.B * pr.Hkv : pr.B * pr.Hq * pr.nqb;
+}
 
-inline RowBlock forward_rows(const Problem& pr, bool stack, int64_t task) {
+inline RowBlock forward_rows(const CpuProblem& pr, bool stack, int64_t task) {
   if (stack) {
     const int64_t hk = task % pr.Hkv, b = task / pr.Hkv;
     return {b, hk, hk * pr.group, pr.group, 0, pr.L};
@@ -178,10 +226,10 @@ inline RowBlock forward_rows(const Problem& pr, bool stack, int64_t task) {
 }
 
 template <typename T>
-void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& pk, const at::Tensor& pv, at::Tensor& out, at::Tensor& lse) {
-  const View4<T> Qv(q), Kv(k), Vv(v), PKv = prefix_view<T>(pk), PVv = prefix_view<T>(pv);
-  T* out_p = out.data_ptr<T>();
+void forward(const CpuProblem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& pk, const at::Tensor& pv, at::Tensor& out, at::Tensor& lse) {
+  const View4<T> Qv(q), Kv(k), Vv(v), PKv(as_prefix_4d(pk)), PVv(as_prefix_4d(pv));
+  const OutView4<T> Ov(out);
   float* lse_p = lse.data_ptr<float>();
   const int64_t D = pr.D;
   const bool dropout = pr.dropout_p > 0.f;
@@ -194,17 +242,15 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
     for (int64_t task = begin; task < end; ++task) {
       const RowBlock rb = forward_rows(pr, stack, task);
       const int64_t b = rb.b, hk = rb.hk, i0 = rb.i0, m = rb.m, rows = rb.nh * m, t = pr.prefix_of(b);
-      int64_t ldq = D;
-      const float* Q = qbuf.data();
+      Rows Q{qbuf.data(), D};
       if (rb.nh == 1) {
-        Q = block_rows(Qv, b, rb.h0, i0, m, D, qbuf.data(), ldq);
+        Q = block_rows(Qv, b, rb.h0, i0, m, D, qbuf.data());
       } else {  // the group's heads stacked in qbuf
         for (int64_t g = 0; g < rb.nh; ++g) {
           float* dst = qbuf.data() + g * m * D;
-          int64_t ld;
-          const float* src = block_rows(Qv, b, rb.h0 + g, i0, m, D, dst, ld);
-          if (src != dst)
-            for (int64_t r = 0; r < m; ++r) std::copy(src + r * ld, src + r * ld + D, dst + r * D);
+          const Rows src = block_rows(Qv, b, rb.h0 + g, i0, m, D, dst);
+          if (src.p != dst)
+            for (int64_t r = 0; r < m; ++r) std::copy(src.p + r * src.ld, src.p + r * src.ld + D, dst + r * D);
         }
       }
       std::fill(mrow.begin(), mrow.end(), kNegInf);
@@ -214,12 +260,12 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
       const int64_t seq_end = pr.seq_end(i0, m);
       for (int64_t blk = 0; blk < pr.key_blocks(seq_end); ++blk) {
         bool is_prefix;
-        int64_t j0, n, ldk, ldv;
+        int64_t j0, n;
         if (!pr.key_block(b, seq_end, blk, is_prefix, j0, n)) continue;
-        const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, kbuf.data(), ldk);
-        const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, vbuf.data(), ldv);
+        const Rows K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, kbuf.data());
+        const Rows V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, vbuf.data());
         float* s = sbuf.data();
-        gemm_rm(false, true, rows, n, D, pr.scale, Q, ldq, K, ldk, 0.f, s, n);
+        gemm_rm(false, true, rows, n, D, pr.scale, Q.p, Q.ld, K.p, K.ld, 0.f, s, n);
         if (!is_prefix)
           for (int64_t g = 0; g < rb.nh; ++g) mask_seq_tile(s + g * m * n, m, n, i0, j0, pr.causal, pr.shift(), kpm);
         softmax_update(s, rows, n, mrow.data(), lrow.data(), alpha.data());
@@ -230,22 +276,29 @@ void forward_impl(const Problem& pr, const at::Tensor& q, const at::Tensor& k, c
           mul_inplace(s, zbuf.data(), rows * n);
         }
         scale_rows(acc.data(), rows, D, alpha.data());
-        gemm_rm(false, false, rows, D, n, 1.f, s, n, V, ldv, 1.f, acc.data(), D);
+        gemm_rm(false, false, rows, D, n, 1.f, s, n, V.p, V.ld, 1.f, acc.data(), D);
       }
       for (int64_t g = 0; g < rb.nh; ++g) {
-        T* o = out_p + ((b * pr.Hq + rb.h0 + g) * pr.L + i0) * D;
         float* ls = lse_p + (b * pr.Hq + rb.h0 + g) * pr.L + i0;
         for (int64_t r = 0; r < m; ++r) {
           const int64_t row = g * m + r;
           const bool empty = lrow[row] == 0.f;
           const float inv = empty ? 0.f : 1.f / lrow[row];
-          for (int64_t d = 0; d < D; ++d) o[r * D + d] = static_cast<T>(acc[row * D + d] * inv);
+          T* o = Ov.at(b, rb.h0 + g, i0 + r);
+          const float* a = acc.data() + row * D;
+          if (Ov.s3 == 1) {
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
+          } else {
+            for (int64_t d = 0; d < D; ++d) o[d * Ov.s3] = static_cast<T>(a[d] * inv);
+          }
           ls[r] = empty ? std::numeric_limits<float>::infinity() : mrow[row] + std::log(lrow[row]);
         }
       }
     }
   });
 }
+
+// ---- backward ---------------------------------------------------------------------------------------------
 
 // Per-task scratch of the backward passes.
 struct BwdScratch {
@@ -255,156 +308,182 @@ struct BwdScratch {
         dp(kBlockQ * kBlockK), z(dropout ? kBlockQ * kBlockK : 0) {}
 };
 
-// One tile of the backward: given Q, dO (m rows) and K, V (n rows), leaves P in sc.p, dS in sc.dp, and
-// (with dropout) P * Z in sc.z. `seq_tile` applies the sequence masks.
-inline void backward_tile(const Problem& pr, BwdScratch& sc, const float* Q, int64_t ldq, const float* dO,
-                          int64_t lddo, const float* K, int64_t ldk, const float* V, int64_t ldv, int64_t m,
-                          int64_t n, const float* lse, const float* delta, bool seq_tile, int64_t i0, int64_t j0,
-                          const bool* kpm, uint64_t row_offset, uint64_t col0, float inv_keep) {
-  const int64_t D = pr.D;
-  float* p = sc.p.data();
-  float* dp = sc.dp.data();
-  gemm_rm(false, true, m, n, D, pr.scale, Q, ldq, K, ldk, 0.f, p, n);
-  if (seq_tile) mask_seq_tile(p, m, n, i0, j0, pr.causal, pr.shift(), kpm);
-  probs_from_lse(p, m, n, lse);
-  gemm_rm(false, true, m, n, D, 1.f, dO, lddo, V, ldv, 0.f, dp, n);
-  if (pr.dropout_p > 0.f) {
-    float* z = sc.z.data();
-    dropout_tile(z, m, n, pr.seed, row_offset, pr.P + pr.S, col0, pr.dropout_p, inv_keep);
-    mul_inplace(dp, z, m * n);
-    mul_inplace(z, p, m * n);  // z = P * Z, the dropped probabilities (for dV)
-  }
-  softmax_grad(p, dp, m, n, delta);
-}
-
+// One backward call: the inputs, the fp32 workspaces (delta, the prefix partial sums) and the outputs shared
+// by its steps. run() does bwd_preprocess, then the fused pass or the three passes, then bwd_dprefix_reduce.
 template <typename T>
-void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
-                   const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpk,
-                   at::Tensor& dpv) {
-  const View4<T> Qv(q), Kv(k), Vv(v), PKv = prefix_view<T>(pk), PVv = prefix_view<T>(pv), dOv(dout), Ov(out);
-  const int64_t D = pr.D, L = pr.L;
-  const bool dropout = pr.dropout_p > 0.f;
-  const float inv_keep = dropout ? 1.f / (1.f - pr.dropout_p) : 1.f;
-  const float* lse_p = lse.data_ptr<float>();
+class Backward {
+ public:
+  Backward(const CpuProblem& pr, Wanted want, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+           const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
+           const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+           const at::Tensor& dpk, const at::Tensor& dpv)
+      : pr(pr), want(want), Qv(q), Kv(k), Vv(v), PKv(as_prefix_4d(pk)), PVv(as_prefix_4d(pv)), dOv(dout), Ov(out),
+        lse_p(lse.data_ptr<float>()), dropout(pr.dropout_p > 0.f),
+        inv_keep(dropout ? 1.f / (1.f - pr.dropout_p) : 1.f), nkb((pr.S + kBlockK - 1) / kBlockK),
+        npb((pr.P + kBlockK - 1) / kBlockK), nchunks(std::min<int64_t>(kPrefixChunks, pr.B)),
+        per_chunk(pr.T * pr.Hkv * pr.P * pr.D) {
+    if (want.dq) dQv = OutView4<T>(dq);
+    if (want.dkdv) dKv = OutView4<T>(dk), dVv = OutView4<T>(dv);
+    if (want.dprefix) dPKv = OutView4<T>(as_prefix_4d(dpk)), dPVv = OutView4<T>(as_prefix_4d(dpv));
+    const auto f32 = q.options().dtype(at::kFloat);
+    delta = at::empty({pr.B, pr.Hq, pr.L}, f32);
+    delta_p = delta.data_ptr<float>();
+    const int64_t parts = want.dprefix && pr.P > 0 ? nchunks : 0;
+    part_k = at::zeros({parts, per_chunk}, f32);
+    part_v = at::zeros({parts, per_chunk}, f32);
+    part_k_p = part_k.data_ptr<float>();
+    part_v_p = part_v.data_ptr<float>();
+  }
 
-  // delta = rowsum(dO * O), fp32 [B, Hq, L].
-  at::Tensor delta_t = at::empty({pr.B, pr.Hq, L}, q.options().dtype(at::kFloat));
-  float* delta_p = delta_t.data_ptr<float>();
-  at::parallel_for(0, pr.B * pr.Hq, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / pr.Hq, h = bh % pr.Hq;
-      for (int64_t i = 0; i < L; ++i) {
-        const T* g = dOv.at(b, h, i);
-        const T* o = Ov.at(b, h, i);
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(g[d * dOv.s3]) * static_cast<float>(o[d * Ov.s3]);
-        delta_p[bh * L + i] = acc;
-      }
+  void run() {
+    bwd_preprocess();
+    if (fuse()) {
+      bwd_fused();
+    } else {
+      if (want.dq) bwd_dq();
+      if (want.dkdv) bwd_dkdv();
+      if (want.dprefix) bwd_dprefix();
     }
-  });
+    if (want.dprefix && pr.P > 0) bwd_dprefix_reduce();
+  }
 
-  T* dq_p = dq.data_ptr<T>();
-  T* dk_p = dk.data_ptr<T>();
-  T* dv_p = dv.data_ptr<T>();
-  const int64_t nkb = (pr.S + kBlockK - 1) / kBlockK;
-  const int64_t npb = (pr.P + kBlockK - 1) / kBlockK;
-  // Prefix gradients: one fp32 partial sum [T, Hkv, P, D] per chunk of batch rows (a fixed number of chunks,
-  // a function of B only), added in chunk order at the end.
-  const int64_t nchunks = std::min<int64_t>(kPrefixChunks, pr.B);
-  const int64_t per_chunk = pr.T * pr.Hkv * pr.P * D;
-  at::Tensor part_k = at::zeros({pr.P > 0 ? nchunks : 0, per_chunk}, q.options().dtype(at::kFloat));
-  at::Tensor part_v = at::zeros({pr.P > 0 ? nchunks : 0, per_chunk}, q.options().dtype(at::kFloat));
-  float* part_k_p = part_k.data_ptr<float>();
-  float* part_v_p = part_v.data_ptr<float>();
-  auto first_row = [&](int64_t c) { return pr.B * c / nchunks; };
+ private:
+  // The fused pass shares each tile between dq and the key gradients: worth it when dq and one of them are
+  // wanted and the (chunk, kv head) tasks fill the threads. Otherwise the passes have more tasks.
+  bool fuse() const { return want.dq && (want.dkdv || want.dprefix) && nchunks * pr.Hkv >= at::get_num_threads(); }
 
-  // Prefix key block pb of row b, KV head hk: its dk/dv into chunk c's partial sums, visiting (query block,
-  // head) in a fixed order; with dq_rows ([group, L, D] fp32 of row b), also the prefix part of dq.
-  auto prefix_block = [&](BwdScratch& sc, int64_t c, int64_t b, int64_t hk, int64_t pb, float* dq_rows) {
-    const int64_t j0 = pb * kBlockK, n = std::min(kBlockK, pr.P - j0), t = pr.prefix_of(b);
-    int64_t ldk, ldv;
-    const float* K = block_rows(PKv, t, hk, j0, n, D, sc.kbuf.data(), ldk);
-    const float* V = block_rows(PVv, t, hk, j0, n, D, sc.vbuf.data(), ldv);
-    float* dkacc = part_k_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
-    float* dvacc = part_v_p + c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
-    for (int64_t qb = 0; qb < pr.nqb; ++qb) {
-      const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
-        const int64_t bh = b * pr.Hq + h;
-        int64_t ldq, lddo;
-        const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
-        const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
-        backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0, delta_p + bh * L + i0,
-                      false, i0, j0, nullptr, pr.row_offset(b, h, i0), j0, inv_keep);
-        const float* pz = dropout ? sc.z.data() : sc.p.data();
-        gemm_rm(true, false, n, D, m, 1.f, pz, n, dO, lddo, 1.f, dvacc, D);
-        gemm_rm(true, false, n, D, m, pr.scale, sc.dp.data(), n, Q, ldq, 1.f, dkacc, D);
-        if (dq_rows != nullptr)
-          gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f,
-                  dq_rows + ((h - hk * pr.group) * L + i0) * D, D);
-      }
-    }
-  };
+  int64_t first_row(int64_t c) const { return pr.B * c / nchunks; }
 
-  // Sequence key block kb of row b, KV head hk: its dk/dv, written out; with dq_rows, also its part of dq
-  // (for the query blocks pass 1 would visit, so the sums match it bit for bit).
-  auto seq_block = [&](BwdScratch& sc, float* dkacc, float* dvacc, int64_t b, int64_t hk, int64_t kb,
-                       float* dq_rows) {
-    const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, pr.S - j0);
-    std::fill(dkacc, dkacc + n * D, 0.f);
-    std::fill(dvacc, dvacc + n * D, 0.f);
-    const bool* kpm = pr.kpm_row(b);
-    const int64_t i_min = pr.causal ? std::max<int64_t>(j0 - pr.shift(), 0) : 0;
-    if (!all_padded(kpm, j0, n) && i_min < L) {
-      int64_t ldk, ldv;
-      const float* K = block_rows(Kv, b, hk, j0, n, D, sc.kbuf.data(), ldk);
-      const float* V = block_rows(Vv, b, hk, j0, n, D, sc.vbuf.data(), ldv);
-      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
-        const int64_t bh = b * pr.Hq + h;
-        for (int64_t qb = i_min / kBlockQ; qb < pr.nqb; ++qb) {
-          const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-          int64_t ldq, lddo;
-          const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
-          const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
-          backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, lse_p + bh * L + i0,
-                        delta_p + bh * L + i0, true, i0, j0, kpm, pr.row_offset(b, h, i0), pr.P + j0, inv_keep);
-          const float* pz = dropout ? sc.z.data() : sc.p.data();
-          gemm_rm(true, false, n, D, m, 1.f, pz, n, dO, lddo, 1.f, dvacc, D);
-          gemm_rm(true, false, n, D, m, pr.scale, sc.dp.data(), n, Q, ldq, 1.f, dkacc, D);
-          if (dq_rows != nullptr && j0 < pr.seq_end(i0, m))
-            gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f,
-                    dq_rows + ((h - hk * pr.group) * L + i0) * D, D);
-        }
-      }
-    }
-    T* dkd = dk_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
-    T* dvd = dv_p + ((b * pr.Hkv + hk) * pr.S + j0) * D;
-    for (int64_t x = 0; x < n * D; ++x) {
-      dkd[x] = static_cast<T>(dkacc[x]);
-      dvd[x] = static_cast<T>(dvacc[x]);
-    }
-  };
-
-  if (nchunks * pr.Hkv >= at::get_num_threads()) {
-    // Enough (chunk, kv head) tasks for the threads: one pass, each tile computed once for dq, dk and dv.
-    at::parallel_for(0, nchunks * pr.Hkv, 1, [&](int64_t begin, int64_t end) {
-      BwdScratch sc(D, dropout);
-      std::vector<float> dkacc(kBlockK * D), dvacc(kBlockK * D), dq_rows(pr.group * L * D);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t hk = task % pr.Hkv, c = task / pr.Hkv;
-        for (int64_t b = first_row(c); b < first_row(c + 1); ++b) {
-          std::fill(dq_rows.begin(), dq_rows.end(), 0.f);
-          for (int64_t pb = 0; pb < npb; ++pb) prefix_block(sc, c, b, hk, pb, dq_rows.data());
-          for (int64_t kb = 0; kb < nkb; ++kb) seq_block(sc, dkacc.data(), dvacc.data(), b, hk, kb, dq_rows.data());
-          T* dst = dq_p + (b * pr.Hq + hk * pr.group) * L * D;
-          for (int64_t x = 0; x < pr.group * L * D; ++x) dst[x] = static_cast<T>(dq_rows[x]);
+  // delta = rowsum(dO * O), fp32 [B, Hq, L]: the softmax-gradient term of every query row.
+  void bwd_preprocess() {
+    const int64_t D = pr.D, L = pr.L;
+    at::parallel_for(0, pr.B * pr.Hq, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / pr.Hq, h = bh % pr.Hq;
+        for (int64_t i = 0; i < L; ++i) {
+          const T* g = dOv.at(b, h, i);
+          const T* o = Ov.at(b, h, i);
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += static_cast<float>(g[d * dOv.s3]) * static_cast<float>(o[d * Ov.s3]);
+          delta_p[bh * L + i] = acc;
         }
       }
     });
-  } else {
-    // Few rows and KV heads for the threads: three passes with more tasks each (the same sums, the same bits).
-    // Pass 1: dq per (b, h, query block).
+  }
+
+  // One tile: query rows [i0, i0 + m) of (b, h) against keys [j0, j0 + n) of the prefix or the sequence.
+  // Leaves P in sc.p, dS in sc.dp and, with dropout and need_pz, the dropped probabilities P * Z in sc.z
+  // (only dV reads them).
+  void tile(BwdScratch& sc, Rows Q, Rows dO, Rows K, Rows V, int64_t m, int64_t n, int64_t b, int64_t h, int64_t i0,
+            int64_t j0, bool is_prefix, bool need_pz) const {
+    const int64_t D = pr.D, row0 = (b * pr.Hq + h) * pr.L + i0;
+    float* p = sc.p.data();
+    float* dp = sc.dp.data();
+    gemm_rm(false, true, m, n, D, pr.scale, Q.p, Q.ld, K.p, K.ld, 0.f, p, n);
+    if (!is_prefix) mask_seq_tile(p, m, n, i0, j0, pr.causal, pr.shift(), pr.kpm_row(b));
+    probs_from_lse(p, m, n, lse_p + row0);
+    gemm_rm(false, true, m, n, D, 1.f, dO.p, dO.ld, V.p, V.ld, 0.f, dp, n);
+    if (dropout) {
+      float* z = sc.z.data();
+      dropout_tile(z, m, n, pr.seed, pr.row_offset(b, h, i0), pr.P + pr.S, is_prefix ? j0 : pr.P + j0,
+                   pr.dropout_p, inv_keep);
+      mul_inplace(dp, z, m * n);
+      if (need_pz) mul_inplace(z, p, m * n);
+    }
+    softmax_grad(p, dp, m, n, delta_p + row0);
+  }
+
+  // The tile's dV += (P Z)^T dO and dK += scale dS^T Q (fp32 rows of its n keys).
+  void add_dkdv(const BwdScratch& sc, Rows Q, Rows dO, int64_t m, int64_t n, float* dkacc, float* dvacc) const {
+    const float* pz = dropout ? sc.z.data() : sc.p.data();
+    gemm_rm(true, false, n, pr.D, m, 1.f, pz, n, dO.p, dO.ld, 1.f, dvacc, pr.D);
+    gemm_rm(true, false, n, pr.D, m, pr.scale, sc.dp.data(), n, Q.p, Q.ld, 1.f, dkacc, pr.D);
+  }
+
+  // The tile's dQ += scale dS K (fp32 rows of its m queries).
+  void add_dq(const BwdScratch& sc, Rows K, int64_t m, int64_t n, float* dqacc) const {
+    gemm_rm(false, false, m, pr.D, n, pr.scale, sc.dp.data(), n, K.p, K.ld, 1.f, dqacc, pr.D);
+  }
+
+  // Prefix key block pb of row b, KV head hk, against every (query block, head of the group) in a fixed order:
+  // with want.dprefix its dk/dv into chunk c's partial sums; with dq_rows ([group, L, D] fp32 of row b) the
+  // prefix part of dq.
+  void prefix_block(BwdScratch& sc, int64_t c, int64_t b, int64_t hk, int64_t pb, float* dq_rows) const {
+    const int64_t D = pr.D, L = pr.L, j0 = pb * kBlockK, n = std::min(kBlockK, pr.P - j0), t = pr.prefix_of(b);
+    const Rows K = block_rows(PKv, t, hk, j0, n, D, sc.kbuf.data());
+    const Rows V = block_rows(PVv, t, hk, j0, n, D, sc.vbuf.data());
+    const int64_t part0 = c * per_chunk + ((t * pr.Hkv + hk) * pr.P + j0) * D;
+    for (int64_t qb = 0; qb < pr.nqb; ++qb) {
+      const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
+      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
+        const Rows Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data());
+        const Rows dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data());
+        tile(sc, Q, dO, K, V, m, n, b, h, i0, j0, true, want.dprefix);
+        if (want.dprefix) add_dkdv(sc, Q, dO, m, n, part_k_p + part0, part_v_p + part0);
+        if (dq_rows != nullptr) add_dq(sc, K, m, n, dq_rows + ((h - hk * pr.group) * L + i0) * D);
+      }
+    }
+  }
+
+  // Sequence key block kb of row b, KV head hk: with want.dkdv its dk/dv, written out; with dq_rows also its
+  // part of dq (for the query blocks bwd_dq would visit, so the sums match it bit for bit).
+  void seq_block(BwdScratch& sc, float* dkacc, float* dvacc, int64_t b, int64_t hk, int64_t kb,
+                 float* dq_rows) const {
+    const int64_t D = pr.D, L = pr.L, j0 = kb * kBlockK, n = std::min(kBlockK, pr.S - j0);
+    if (want.dkdv) {
+      std::fill(dkacc, dkacc + n * D, 0.f);
+      std::fill(dvacc, dvacc + n * D, 0.f);
+    }
+    const bool* kpm = pr.kpm_row(b);
+    const int64_t i_min = pr.causal ? std::max<int64_t>(j0 - pr.shift(), 0) : 0;
+    if (!all_padded(kpm, j0, n) && i_min < L) {
+      const Rows K = block_rows(Kv, b, hk, j0, n, D, sc.kbuf.data());
+      const Rows V = block_rows(Vv, b, hk, j0, n, D, sc.vbuf.data());
+      for (int64_t h = hk * pr.group; h < (hk + 1) * pr.group; ++h) {
+        for (int64_t qb = i_min / kBlockQ; qb < pr.nqb; ++qb) {
+          const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
+          const bool dq_here = dq_rows != nullptr && j0 < pr.seq_end(i0, m);
+          if (!want.dkdv && !dq_here) continue;
+          const Rows Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data());
+          const Rows dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data());
+          tile(sc, Q, dO, K, V, m, n, b, h, i0, j0, false, want.dkdv);
+          if (want.dkdv) add_dkdv(sc, Q, dO, m, n, dkacc, dvacc);
+          if (dq_here) add_dq(sc, K, m, n, dq_rows + ((h - hk * pr.group) * L + i0) * D);
+        }
+      }
+    }
+    if (want.dkdv) {
+      dKv.store(b, hk, j0, dkacc, n, D);
+      dVv.store(b, hk, j0, dvacc, n, D);
+    }
+  }
+
+  // One task per (chunk of batch rows, kv head): every key block of each row, prefix then sequence.
+  void bwd_fused() {
+    const int64_t D = pr.D, L = pr.L;
+    at::parallel_for(0, nchunks * pr.Hkv, 1, [&](int64_t begin, int64_t end) {
+      BwdScratch sc(D, dropout);
+      std::vector<float> dkacc(want.dkdv ? kBlockK * D : 0), dvacc(want.dkdv ? kBlockK * D : 0),
+          dq_buf(want.dq ? pr.group * L * D : 0);
+      float* dq_rows = want.dq ? dq_buf.data() : nullptr;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t hk = task % pr.Hkv, c = task / pr.Hkv;
+        for (int64_t b = first_row(c); b < first_row(c + 1); ++b) {
+          if (dq_rows != nullptr) std::fill(dq_buf.begin(), dq_buf.end(), 0.f);
+          if (dq_rows != nullptr || want.dprefix)
+            for (int64_t pb = 0; pb < npb; ++pb) prefix_block(sc, c, b, hk, pb, dq_rows);
+          if (dq_rows != nullptr || want.dkdv)
+            for (int64_t kb = 0; kb < nkb; ++kb) seq_block(sc, dkacc.data(), dvacc.data(), b, hk, kb, dq_rows);
+          if (dq_rows != nullptr)
+            for (int64_t g = 0; g < pr.group; ++g) dQv.store(b, hk * pr.group + g, 0, dq_rows + g * L * D, L, D);
+        }
+      }
+    });
+  }
+
+  // dq per (b, h, query block): the walk of the forward, key block by key block.
+  void bwd_dq() {
+    const int64_t D = pr.D, L = pr.L;
     at::parallel_for(0, pr.B * pr.Hq * pr.nqb, 1, [&](int64_t begin, int64_t end) {
       BwdScratch sc(D, dropout);
       std::vector<float> dqacc(kBlockQ * D);
@@ -412,196 +491,148 @@ void backward_impl(const Problem& pr, const at::Tensor& dout, const at::Tensor& 
         const int64_t qb = task % pr.nqb, bh = task / pr.nqb, h = bh % pr.Hq, b = bh / pr.Hq;
         const int64_t hk = h / pr.group, t = pr.prefix_of(b);
         const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, L - i0);
-        int64_t ldq, lddo;
-        const float* Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data(), ldq);
-        const float* dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data(), lddo);
-        const float* ls = lse_p + bh * L + i0;
-        const float* dl = delta_p + bh * L + i0;
+        const Rows Q = block_rows(Qv, b, h, i0, m, D, sc.qbuf.data());
+        const Rows dO = block_rows(dOv, b, h, i0, m, D, sc.dobuf.data());
         std::fill(dqacc.begin(), dqacc.begin() + m * D, 0.f);
-        const bool* kpm = pr.kpm_row(b);
         const int64_t seq_end = pr.seq_end(i0, m);
         for (int64_t blk = 0; blk < pr.key_blocks(seq_end); ++blk) {
           bool is_prefix;
-          int64_t j0, n, ldk, ldv;
-          if (!pr.key_block(b, seq_end, blk, is_prefix, j0, n)) continue;
-          const float* K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, sc.kbuf.data(), ldk);
-          const float* V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, sc.vbuf.data(), ldv);
-          backward_tile(pr, sc, Q, ldq, dO, lddo, K, ldk, V, ldv, m, n, ls, dl, !is_prefix, i0, j0, kpm,
-                        pr.row_offset(b, h, i0), is_prefix ? j0 : pr.P + j0, inv_keep);
-          gemm_rm(false, false, m, D, n, pr.scale, sc.dp.data(), n, K, ldk, 1.f, dqacc.data(), D);
+          int64_t j0, n;
+          // The blocks of the forward's walk, but each sequence block whole (end S, not seq_end; the keys
+          // past seq_end are masked), as seq_block computes it: gemm_rm rounds a column in its vector body
+          // and in its scalar tail differently, so only tiles of the fused pass's widths give its dq bit
+          // for bit.
+          if (!pr.key_block(b, pr.S, blk, is_prefix, j0, n)) continue;
+          const Rows K = block_rows(is_prefix ? PKv : Kv, is_prefix ? t : b, hk, j0, n, D, sc.kbuf.data());
+          const Rows V = block_rows(is_prefix ? PVv : Vv, is_prefix ? t : b, hk, j0, n, D, sc.vbuf.data());
+          tile(sc, Q, dO, K, V, m, n, b, h, i0, j0, is_prefix, false);
+          add_dq(sc, K, m, n, dqacc.data());
         }
-        T* dst = dq_p + ((b * pr.Hq + h) * L + i0) * D;
-        for (int64_t x = 0; x < m * D; ++x) dst[x] = static_cast<T>(dqacc[x]);
+        dQv.store(b, h, i0, dqacc.data(), m, D);
       }
     });
-    // Pass 2: sequence dk, dv per (b, kv head, key block).
+  }
+
+  // Sequence dk, dv per (b, kv head, key block).
+  void bwd_dkdv() {
     at::parallel_for(0, pr.B * pr.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-      BwdScratch sc(D, dropout);
-      std::vector<float> dkacc(kBlockK * D), dvacc(kBlockK * D);
+      BwdScratch sc(pr.D, dropout);
+      std::vector<float> dkacc(kBlockK * pr.D), dvacc(kBlockK * pr.D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t kb = task % nkb, bhk = task / nkb;
         seq_block(sc, dkacc.data(), dvacc.data(), bhk / pr.Hkv, bhk % pr.Hkv, kb, nullptr);
       }
     });
-    // Pass 3: prefix dk, dv per (chunk, kv head, prefix key block).
+  }
+
+  // Prefix dk, dv partial sums per (chunk, kv head, prefix key block).
+  void bwd_dprefix() {
     at::parallel_for(0, nchunks * pr.Hkv * npb, 1, [&](int64_t begin, int64_t end) {
-      BwdScratch sc(D, dropout);
+      BwdScratch sc(pr.D, dropout);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t pb = task % npb, rest = task / npb, hk = rest % pr.Hkv, c = rest / pr.Hkv;
         for (int64_t b = first_row(c); b < first_row(c + 1); ++b) prefix_block(sc, c, b, hk, pb, nullptr);
       }
     });
   }
-  if (pr.P == 0) return;
 
-  T* dpk_p = dpk.data_ptr<T>();
-  T* dpv_p = dpv.data_ptr<T>();
-  at::parallel_for(0, per_chunk, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) {
-      float sk = 0.f, sv = 0.f;
-      for (int64_t c = 0; c < nchunks; ++c) {
-        sk += part_k_p[c * per_chunk + x];
-        sv += part_v_p[c * per_chunk + x];
+  // dprefix = the chunks' partial sums added in chunk order, per element.
+  void bwd_dprefix_reduce() {
+    const int64_t D = pr.D, rows = pr.T * pr.Hkv * pr.P;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t j = row % pr.P, hk = (row / pr.P) % pr.Hkv, t = row / (pr.P * pr.Hkv);
+        T* dk = dPKv.at(t, hk, j);
+        T* dv = dPVv.at(t, hk, j);
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t x = row * D + d;
+          float sk = 0.f, sv = 0.f;
+          for (int64_t c = 0; c < nchunks; ++c) {
+            sk += part_k_p[c * per_chunk + x];
+            sv += part_v_p[c * per_chunk + x];
+          }
+          dk[d * dPKv.s3] = static_cast<T>(sk);
+          dv[d * dPVv.s3] = static_cast<T>(sv);
+        }
       }
-      dpk_p[x] = static_cast<T>(sk);
-      dpv_p[x] = static_cast<T>(sv);
-    }
-  });
+    });
+  }
+
+  const CpuProblem& pr;
+  const Wanted want;
+  const View4<T> Qv, Kv, Vv, PKv, PVv, dOv, Ov;
+  OutView4<T> dQv, dKv, dVv, dPKv, dPVv;
+  const float* lse_p;
+  const bool dropout;
+  const float inv_keep;
+  const int64_t nkb, npb;
+  // Prefix gradients: one fp32 partial sum [T, Hkv, P, D] per chunk of batch rows.
+  const int64_t nchunks, per_chunk;
+  at::Tensor delta, part_k, part_v;
+  float* delta_p = nullptr;
+  float* part_k_p = nullptr;
+  float* part_v_p = nullptr;
+};
+
+// ---- the ops ----------------------------------------------------------------------------------------------
+
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: PREFIX_KERNELS_CHECK(false, "unsupported dtype ", dtype);
+  }
 }
 
-// ---- argument checks and problem setup --------------------------------------------------------------------
-
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-                     const at::Tensor& pv, const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& pidx,
-                     bool causal, double scale, double dropout_p, int64_t seed, at::Tensor& kpm_c, at::Tensor& pidx_c) {
-  TORCH_CHECK(q.dim() == 4, "prefix_kernels: q must be [B, Hq, L, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "prefix_kernels: k, v must be [B, Hkv, S, D], got ", k.sizes(),
-              " and ", v.sizes());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "prefix_kernels: the cpu kernels take float32, float16 or bfloat16, got ", dtype);
-  for (const at::Tensor* t : {&k, &v, &pk, &pv}) {
-    TORCH_CHECK(t->scalar_type() == dtype, "prefix_kernels: q, k, v, prefix_k, prefix_v must share one dtype");
-    TORCH_CHECK(t->device().is_cpu(), "prefix_kernels: the cpu kernels take cpu tensors");
-  }
-  Problem pr{};
-  pr.B = q.size(0), pr.Hq = q.size(1), pr.L = q.size(2), pr.D = q.size(3);
-  pr.Hkv = k.size(1), pr.S = k.size(2);
-  TORCH_CHECK(k.size(0) == pr.B && k.size(3) == pr.D, "prefix_kernels: k must be [B, Hkv, S, D]");
-  TORCH_CHECK(pr.Hkv > 0 && pr.Hq % pr.Hkv == 0, "prefix_kernels: Hq must be a multiple of Hkv");
-  pr.group = pr.Hq / pr.Hkv;
-  TORCH_CHECK(pv.sizes() == pk.sizes(), "prefix_kernels: prefix_v must have the shape of prefix_k");
-  if (pidx.has_value()) {
-    TORCH_CHECK(pk.dim() == 4 && pk.size(1) == pr.Hkv && pk.size(3) == pr.D,
-                "prefix_kernels: prefix_k must be [T, Hkv, P, D] with prefix_index");
-    pr.T = pk.size(0), pr.P = pk.size(2);
-    TORCH_CHECK(pidx->scalar_type() == at::kLong && pidx->dim() == 1 && pidx->size(0) == pr.B,
-                "prefix_kernels: prefix_index must be int64 [B]");
-    pidx_c = pidx->contiguous();
-    const int64_t* ip = pidx_c.data_ptr<int64_t>();
-    for (int64_t b = 0; b < pr.B; ++b)
-      TORCH_CHECK(ip[b] >= 0 && ip[b] < pr.T, "prefix_kernels: prefix_index out of range [0, ", pr.T, ")");
-    pr.pindex = ip;
-  } else {
-    TORCH_CHECK(pk.dim() == 3 && pk.size(0) == pr.Hkv && pk.size(2) == pr.D,
-                "prefix_kernels: prefix_k must be [Hkv, P, D]");
-    pr.T = 1, pr.P = pk.size(1);
-    pr.pindex = nullptr;
-  }
-  if (kpm.has_value()) {
-    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == pr.B && kpm->size(1) == pr.S,
-                "prefix_kernels: key_padding_mask must be bool [B, S]");
-    kpm_c = kpm->contiguous();
-    pr.kpm = kpm_c.data_ptr<bool>();
-  } else {
-    pr.kpm = nullptr;
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "prefix_kernels: dropout_p must lie in [0, 1)");
-  pr.causal = causal;
-  pr.scale = static_cast<float>(scale);
-  pr.dropout_p = static_cast<float>(dropout_p);
-  pr.seed = static_cast<uint64_t>(seed);
-  pr.nqb = (pr.L + kBlockQ - 1) / kBlockQ;
-  return pr;
-}
-
-std::tuple<at::Tensor, at::Tensor> cpp_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                               const std::optional<at::Tensor>& key_padding_mask,
-                                               const std::optional<at::Tensor>& prefix_index, bool causal,
-                                               double scale, double dropout_p, int64_t seed) {
+// `deterministic` is part of every backend's schema; the CPU kernels are always deterministic.
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                       const std::optional<at::Tensor>& key_padding_mask,
+                                       const std::optional<at::Tensor>& prefix_index, bool causal, double scale,
+                                       double dropout_p, int64_t seed, bool /*deterministic*/) {
   at::Tensor kpm_c, pidx_c;
-  const Problem pr =
-      make_problem(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed, kpm_c, pidx_c);
-  at::Tensor out = at::empty({pr.B, pr.Hq, pr.L, pr.D}, q.options());
+  const CpuProblem pr = cpu_problem(check_inputs(at::kCPU, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                 prefix_index, causal, scale, dropout_p, seed),
+                                    key_padding_mask, prefix_index, kpm_c, pidx_c);
+  at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({pr.B, pr.Hq, pr.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  switch (q.scalar_type()) {
-    case at::kFloat: forward_impl<float>(pr, q, k, v, prefix_k, prefix_v, out, lse); break;
-    case at::kHalf: forward_impl<at::Half>(pr, q, k, v, prefix_k, prefix_v, out, lse); break;
-    case at::kBFloat16: forward_impl<at::BFloat16>(pr, q, k, v, prefix_k, prefix_v, out, lse); break;
-    default: TORCH_CHECK(false, "unreachable");
-  }
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    forward<decltype(t)>(pr, q, k, v, prefix_k, prefix_v, out, lse);
+  });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& prefix_index, bool causal,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, int64_t seed, bool /*deterministic*/, std::array<bool, 3> output_mask) {
   at::Tensor kpm_c, pidx_c;
-  const Problem pr =
-      make_problem(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed, kpm_c, pidx_c);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_kernels: grad_out and out must be shaped like q");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "prefix_kernels: grad_out and out must have the dtype of q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == pr.B && lse.size(1) == pr.Hq &&
-                  lse.size(2) == pr.L,
-              "prefix_kernels: lse must be float32 [B, Hq, L]");
+  const CpuProblem pr = cpu_problem(check_inputs(at::kCPU, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                                 prefix_index, causal, scale, dropout_p, seed),
+                                    key_padding_mask, prefix_index, kpm_c, pidx_c);
+  check_backward_inputs(pr, q, grad_out, out, lse);
+  const Wanted want(output_mask);
+  at::Tensor dq = gradient_like(q, want.dq);
+  at::Tensor dk = gradient_like(k, want.dkdv), dv = gradient_like(v, want.dkdv);
+  at::Tensor dpk = gradient_like(prefix_k, want.dprefix), dpv = gradient_like(prefix_v, want.dprefix);
+  if (!want.any()) return {dq, dk, dv, dpk, dpv};
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dpk = at::zeros(prefix_k.sizes(), prefix_k.options());
-  at::Tensor dpv = at::zeros(prefix_v.sizes(), prefix_v.options());
-  switch (q.scalar_type()) {
-    case at::kFloat: backward_impl<float>(pr, grad_out, q, k, v, prefix_k, prefix_v, out, lse_c, dq, dk, dv, dpk, dpv); break;
-    case at::kHalf: backward_impl<at::Half>(pr, grad_out, q, k, v, prefix_k, prefix_v, out, lse_c, dq, dk, dv, dpk, dpv); break;
-    case at::kBFloat16:
-      backward_impl<at::BFloat16>(pr, grad_out, q, k, v, prefix_k, prefix_v, out, lse_c, dq, dk, dv, dpk, dpv);
-      break;
-    default: TORCH_CHECK(false, "unreachable");
-  }
-  return {dq, dk, dv, dpk, dpv};
-}
-
-at::Tensor cpp_dropout_mask_cpu(int64_t B, int64_t Hq, int64_t L, int64_t P, int64_t S, double dropout_p, int64_t seed) {
-  TORCH_CHECK(B >= 0 && Hq >= 0 && L >= 0 && P >= 0 && S >= 0, "prefix_kernels: sizes must be >= 0");
-  at::Tensor mask = at::empty({B, Hq, L, P + S}, at::TensorOptions().dtype(at::kBool));
-  bool* mp = mask.data_ptr<bool>();
-  const int64_t cols = P + S;
-  const float p = static_cast<float>(dropout_p);
-  const uint64_t s = static_cast<uint64_t>(seed);
-  at::parallel_for(0, B * Hq * L, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)
-      for (int64_t c = 0; c < cols; ++c)
-        mp[row * cols + c] = dropout_keep(s, static_cast<uint64_t>(row * cols + c), p);
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    Backward<decltype(t)>(pr, want, grad_out, q, k, v, prefix_k, prefix_v, out, lse_c, dq, dk, dv, dpk, dpv).run();
   });
-  return mask;
+  return {dq, dk, dv, dpk, dpv};
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace prefix_kernels
 
+// The schemas are defined by prefix_kernels.ops (Python) before it loads this library.
 TORCH_LIBRARY_IMPL(prefix_kernels, CPU, m) {
-  m.impl("cpp_fwd", &prefix_kernels::cpu::cpp_fwd_cpu);
-  m.impl("cpp_bwd", &prefix_kernels::cpu::cpp_bwd_cpu);
-}
-
-// cpp_dropout_mask has no tensor arguments, so the dispatcher has no device to route on: register it for
-// CompositeExplicitAutograd, which serves calls without tensor arguments. It always returns a CPU tensor.
-TORCH_LIBRARY_IMPL(prefix_kernels, CompositeExplicitAutograd, m) {
-  m.impl("cpp_dropout_mask", &prefix_kernels::cpu::cpp_dropout_mask_cpu);
+  m.impl("cpu_fwd", &prefix_kernels::cpu::fwd);
+  m.impl("cpu_bwd", &prefix_kernels::cpu::bwd);
 }

@@ -1,6 +1,5 @@
-// CUDA implementations of prefix_kernels::cpp_fwd and prefix_kernels::cpp_bwd (the schema is defined in
-// csrc/ops.cpp). Checks the inputs, makes q / k / v / grad_out / out contiguous (the prefix only if it is
-// not: it is never expanded per batch row), allocates the outputs and calls the kernels in
+// CUDA implementations of prefix_kernels::cuda_fwd and cuda_bwd (the op contract: docs/op.md): check the
+// inputs, make contiguous what the kernels read, allocate the outputs, fill Params and call the launchers of
 // prefix_attention_kernels.cu.
 
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which needs the cuBLAS / cuSPARSE headers that a
@@ -12,215 +11,178 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "../problem.h"
 #include "prefix_attention_kernels.cuh"
 
+namespace prefix_kernels {
+namespace cuda {
 namespace {
 
 using at::Tensor;
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return pk_cuda::kFloat32;
-    case at::kHalf: return pk_cuda::kFloat16;
-    case at::kBFloat16: return pk_cuda::kBFloat16;
-    default: TORCH_CHECK(false, "prefix_attention cuda backend: q must be float32, float16 or bfloat16, got ", t);
+    case at::kFloat: return kFloat32;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: PREFIX_KERNELS_CHECK(false, "unsupported dtype ", t);
   }
   return -1;
 }
 
-void check_cuda(const Tensor& t, const char* name, const Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "prefix_attention cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "prefix_attention cuda backend: ", name, " is on ", t.device(),
-              " but q is on ", q.device());
+// Limits of the CUDA kernels beyond the op contract: 32-bit row and block indices (element offsets are
+// 64-bit) and the head dims their shared-memory tiles are built for.
+void check_kernel_limits(const Problem& pr) {
+  PREFIX_KERNELS_CHECK(pr.D >= 1 && pr.D <= 256, "the cuda kernels take head dims 1 to 256, got ", pr.D);
+  PREFIX_KERNELS_CHECK(pr.B >= 1 && pr.Hq >= 1 && pr.L >= 1, "the cuda kernels need B, Hq, L >= 1");
+  constexpr int64_t kMaxRows = int64_t{1} << 31;
+  PREFIX_KERNELS_CHECK(pr.B * pr.Hq * pr.L < kMaxRows && pr.B * pr.Hkv * pr.S < kMaxRows &&
+                           pr.T * pr.Hkv * pr.P < kMaxRows,
+                       "too many rows for the cuda kernels' 32-bit row indices");
 }
 
-void check_same_dtype(const Tensor& t, const char* name, const Tensor& q) {
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "prefix_attention cuda backend: ", name, " has dtype ",
-              t.scalar_type(), " but q has dtype ", q.scalar_type());
-}
+// The inputs as the kernels read them: contiguous (a no-op for what already is; the prefix is never
+// expanded per batch row, so its copy, if any, is small).
+struct Inputs {
+  Tensor q, k, v, pk, pv, kpm, pidx;
+  Inputs(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_, const Tensor& pv_,
+         const std::optional<Tensor>& kpm_, const std::optional<Tensor>& pidx_)
+      : q(q_.contiguous()), k(k_.contiguous()), v(v_.contiguous()), pk(pk_.contiguous()), pv(pv_.contiguous()) {
+    if (kpm_.has_value()) kpm = kpm_->contiguous();
+    if (pidx_.has_value()) pidx = pidx_->contiguous();
+  }
+};
 
-// Validates the forward inputs and fills the shape / option fields of Params (not the pointers).
-pk_cuda::Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
-                            const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask,
-                            const std::optional<Tensor>& prefix_index, bool causal, double scale,
-                            double dropout_p, int64_t seed) {
-  check_cuda(q, "q", q);
-  check_cuda(k, "k", q);
-  check_cuda(v, "v", q);
-  check_cuda(prefix_k, "prefix_k", q);
-  check_cuda(prefix_v, "prefix_v", q);
-  pk_cuda::Params p;
+// make_params, step 1: the shape and option fields, and the device's shared-memory limit.
+Params shape_params(const Problem& pr, const Tensor& q) {
+  Params p;
   p.dtype = dtype_code(q.scalar_type());
-  check_same_dtype(k, "k", q);
-  check_same_dtype(v, "v", q);
-  check_same_dtype(prefix_k, "prefix_k", q);
-  check_same_dtype(prefix_v, "prefix_v", q);
-
-  TORCH_CHECK(q.dim() == 4, "prefix_attention cuda backend: q must be [B, Hq, L, D], got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "prefix_attention cuda backend: k and v must be [B, Hkv, S, D], got ",
-              k.sizes(), " and ", v.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "prefix_attention cuda backend: k must be [B=", B, ", Hkv, S, D=", D,
-              "], got ", k.sizes());
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "prefix_attention cuda backend: Hq=", Hq, " must be a multiple of Hkv=", Hkv);
-  TORCH_CHECK(D >= 1 && D <= 256, "prefix_attention cuda backend: head dim must be in [1, 256], got ", D);
-  TORCH_CHECK(B >= 1 && Hq >= 1 && L >= 1, "prefix_attention cuda backend: q must have B, Hq, L >= 1, got ", q.sizes());
-
-  int64_t T = 1, P = 0;
-  if (prefix_index.has_value()) {
-    const Tensor& idx = *prefix_index;
-    check_cuda(idx, "prefix_index", q);
-    TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == B,
-                "prefix_attention cuda backend: prefix_index must be int64 [B=", B, "], got ", idx.scalar_type(), " ",
-                idx.sizes());
-    TORCH_CHECK(prefix_k.dim() == 4 && prefix_k.size(1) == Hkv && prefix_k.size(3) == D,
-                "prefix_attention cuda backend: prefix_k must be [T, Hkv=", Hkv, ", P, D=", D,
-                "] with prefix_index, got ", prefix_k.sizes());
-    T = prefix_k.size(0);
-    P = prefix_k.size(2);
-    TORCH_CHECK(T >= 1, "prefix_attention cuda backend: prefix_k must hold at least one prefix, got ", prefix_k.sizes());
-  } else {
-    TORCH_CHECK(prefix_k.dim() == 3 && prefix_k.size(0) == Hkv && prefix_k.size(2) == D,
-                "prefix_attention cuda backend: prefix_k must be [Hkv=", Hkv, ", P, D=", D, "], got ", prefix_k.sizes());
-    P = prefix_k.size(1);
-  }
-  TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), "prefix_attention cuda backend: prefix_v must have the shape of prefix_k ",
-              prefix_k.sizes(), ", got ", prefix_v.sizes());
-  if (key_padding_mask.has_value()) {
-    const Tensor& m = *key_padding_mask;
-    check_cuda(m, "key_padding_mask", q);
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == S,
-                "prefix_attention cuda backend: key_padding_mask must be bool [B=", B, ", S=", S, "], got ",
-                m.scalar_type(), " ", m.sizes());
-  }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "prefix_attention cuda backend: dropout_p must be in [0, 1), got ",
-              dropout_p);
-  // 32-bit indices inside the kernels index rows and blocks; element offsets are 64-bit.
-  TORCH_CHECK(B * Hq * L < (int64_t{1} << 31) && B * Hkv * S < (int64_t{1} << 31) && T * Hkv * P < (int64_t{1} << 31),
-              "prefix_attention cuda backend: too many rows for 32-bit row indices");
-
-  p.B = static_cast<int>(B);
-  p.Hq = static_cast<int>(Hq);
-  p.Hkv = static_cast<int>(Hkv);
-  p.L = static_cast<int>(L);
-  p.S = static_cast<int>(S);
-  p.P = static_cast<int>(P);
-  p.D = static_cast<int>(D);
-  p.T = static_cast<int>(T);
-  p.DP = static_cast<int>((D + 15) / 16 * 16);
-  p.causal = causal;
-  p.scale = static_cast<float>(scale);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = static_cast<uint64_t>(seed);
+  p.B = static_cast<int>(pr.B);
+  p.Hq = static_cast<int>(pr.Hq);
+  p.Hkv = static_cast<int>(pr.Hkv);
+  p.L = static_cast<int>(pr.L);
+  p.S = static_cast<int>(pr.S);
+  p.P = static_cast<int>(pr.P);
+  p.D = static_cast<int>(pr.D);
+  p.T = static_cast<int>(pr.T);
+  p.DP = static_cast<int>((pr.D + 15) / 16 * 16);
+  p.causal = pr.causal;
+  p.scale = pr.scale;
+  p.dropout_p = pr.dropout_p;
+  p.seed = pr.seed;
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
   p.max_smem = static_cast<size_t>(optin);
   return p;
 }
 
-void check_launch(const std::string& err) {
-  TORCH_CHECK(err.empty(), err);
+// make_params, step 2: the input pointers.
+void set_input_pointers(Params& p, const Inputs& in) {
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  p.pk = in.pk.data_ptr();
+  p.pv = in.pv.data_ptr();
+  p.kpm = in.kpm.defined() ? in.kpm.data_ptr<bool>() : nullptr;
+  p.pidx = in.pidx.defined() ? in.pidx.data_ptr<int64_t>() : nullptr;
 }
 
-std::tuple<Tensor, Tensor> cpp_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                        const Tensor& prefix_k_in, const Tensor& prefix_v_in,
-                                        const std::optional<Tensor>& key_padding_mask,
-                                        const std::optional<Tensor>& prefix_index, bool causal, double scale,
-                                        double dropout_p, int64_t seed) {
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  pk_cuda::Params p = make_params(q_in, k_in, v_in, prefix_k_in, prefix_v_in, key_padding_mask, prefix_index, causal,
-                                  scale, dropout_p, seed);
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const Tensor pk = prefix_k_in.contiguous(), pv = prefix_v_in.contiguous();
-  Tensor kpm, pidx;
-  if (key_padding_mask.has_value()) kpm = key_padding_mask->contiguous();
-  if (prefix_index.has_value()) pidx = prefix_index->contiguous();
-
-  Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
-
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.pk = pk.data_ptr();
-  p.pv = pv.data_ptr();
-  p.kpm = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
-  p.pidx = pidx.defined() ? pidx.data_ptr<int64_t>() : nullptr;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  check_launch(pk_cuda::launch_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
-  return {out, lse};
+// make_params, step 3 (backward, prefix gradients wanted): the chunking of the prefix-gradient reduction and
+// its fp32 partial sums [2, nchunks, T, Hkv, P, D], independent of B. Returns the buffer to keep alive.
+Tensor set_prefix_chunks(Params& p, const Tensor& q) {
+  p.nchunks = prefix_grad_chunks(p);
+  if (p.P == 0) return Tensor();
+  Tensor parts = at::empty({2, p.nchunks, p.T, p.Hkv, p.P, p.D}, q.options().dtype(at::kFloat));
+  p.dpk_part = parts[0].data_ptr<float>();
+  p.dpv_part = parts[1].data_ptr<float>();
+  return parts;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_bwd_cuda(
-    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& prefix_k_in,
-    const Tensor& prefix_v_in, const Tensor& out_in, const Tensor& lse_in, const std::optional<Tensor>& key_padding_mask,
-    const std::optional<Tensor>& prefix_index, bool causal, double scale, double dropout_p, int64_t seed) {
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  pk_cuda::Params p = make_params(q_in, k_in, v_in, prefix_k_in, prefix_v_in, key_padding_mask, prefix_index, causal,
-                                  scale, dropout_p, seed);
-  check_cuda(grad_out_in, "grad_out", q_in);
-  check_cuda(out_in, "out", q_in);
-  check_cuda(lse_in, "lse", q_in);
-  check_same_dtype(grad_out_in, "grad_out", q_in);
-  check_same_dtype(out_in, "out", q_in);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "prefix_attention cuda backend: grad_out and out must have the shape of q ", q_in.sizes(), ", got ",
-              grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == p.B &&
-                  lse_in.size(1) == p.Hq && lse_in.size(2) == p.L,
-              "prefix_attention cuda backend: lse must be float32 [B, Hq, L], got ", lse_in.scalar_type(), " ",
-              lse_in.sizes());
-
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const Tensor pk = prefix_k_in.contiguous(), pv = prefix_v_in.contiguous();
-  const Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  Tensor kpm, pidx;
-  if (key_padding_mask.has_value()) kpm = key_padding_mask->contiguous();
-  if (prefix_index.has_value()) pidx = prefix_index->contiguous();
-
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
-  Tensor dpk = at::empty(pk.sizes(), pk.options());
-  Tensor dpv = at::empty(pv.sizes(), pv.options());
-  Tensor delta = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
-  p.nchunks = pk_cuda::prefix_grad_chunks(p);
-  Tensor parts;  // fp32 partial sums of the prefix gradients: [2, nchunks, T, Hkv, P, D], independent of B
-  if (p.P > 0) parts = at::empty({2, p.nchunks, p.T, p.Hkv, p.P, p.D}, q.options().dtype(at::kFloat));
-
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.pk = pk.data_ptr();
-  p.pv = pv.data_ptr();
-  p.kpm = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
-  p.pidx = pidx.defined() ? pidx.data_ptr<int64_t>() : nullptr;
-  p.out = const_cast<void*>(out.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.dout = grad_out.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dpk = dpk.data_ptr();
-  p.dpv = dpv.data_ptr();
-  if (parts.defined()) {
-    p.dpk_part = parts[0].data_ptr<float>();
-    p.dpv_part = parts[1].data_ptr<float>();
+// The kernels have no strided store: they write a contiguous buffer, which is the output itself when the
+// output (with the layout of its input, docs/op.md) is contiguous, and else is copied into it afterwards.
+struct Output {
+  Tensor result, buffer;
+  explicit Output(Tensor like_input) : result(std::move(like_input)) {
+    buffer = result.is_contiguous() ? result : at::empty(result.sizes(), result.options());
   }
-  check_launch(pk_cuda::launch_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
-  return {dq, dk, dv, dpk, dpv};
+  void* data() const { return buffer.data_ptr(); }
+  const Tensor& finish() {
+    if (!buffer.is_same(result)) result.copy_(buffer);
+    return result;
+  }
+};
+
+void check_launch(const std::string& err) { PREFIX_KERNELS_CHECK(err.empty(), err); }
+
+// `deterministic` is part of every backend's schema; the CUDA kernels use no atomics and are always
+// deterministic.
+std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+                               const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask,
+                               const std::optional<Tensor>& prefix_index, bool causal, double scale,
+                               double dropout_p, int64_t seed, bool /*deterministic*/) {
+  const Problem pr = check_inputs(at::kCUDA, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal,
+                                  scale, dropout_p, seed);
+  check_kernel_limits(pr);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Inputs in(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index);
+  Params p = shape_params(pr, q);
+  set_input_pointers(p, in);
+
+  Output out(at::empty_like(q));
+  Tensor lse = at::empty({pr.B, pr.Hq, pr.L}, q.options().dtype(at::kFloat));
+  p.out = out.data();
+  p.lse = lse.data_ptr<float>();
+  check_launch(launch_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {out.finish(), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+    const Tensor& prefix_v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& prefix_index, bool causal, double scale, double dropout_p, int64_t seed,
+    bool /*deterministic*/, std::array<bool, 3> output_mask) {
+  const Problem pr = check_inputs(at::kCUDA, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal,
+                                  scale, dropout_p, seed);
+  check_backward_inputs(pr, q, grad_out, out, lse);
+  check_kernel_limits(pr);
+  const Wanted want(output_mask);
+  Output dq(gradient_like(q, want.dq));
+  Output dk(gradient_like(k, want.dkdv)), dv(gradient_like(v, want.dkdv));
+  Output dpk(gradient_like(prefix_k, want.dprefix)), dpv(gradient_like(prefix_v, want.dprefix));
+  if (!want.any()) return {dq.result, dk.result, dv.result, dpk.result, dpv.result};
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Inputs in(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index);
+  const Tensor grad_out_c = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  Params p = shape_params(pr, q);
+  set_input_pointers(p, in);
+  p.out = const_cast<void*>(out_c.data_ptr());
+  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.dout = grad_out_c.data_ptr();
+  Tensor delta = at::empty({pr.B, pr.Hq, pr.L}, q.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  if (want.dq) p.dq = dq.data();
+  if (want.dkdv) p.dk = dk.data(), p.dv = dv.data();
+  Tensor parts;
+  if (want.dprefix) {
+    p.dpk = dpk.data(), p.dpv = dpv.data();
+    parts = set_prefix_chunks(p, q);
+  }
+  check_launch(launch_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
+  return {dq.finish(), dk.finish(), dv.finish(), dpk.finish(), dpv.finish()};
 }
 
 }  // namespace
+}  // namespace cuda
+}  // namespace prefix_kernels
 
+// The schemas are defined by prefix_kernels.ops (Python) before it loads this library.
 TORCH_LIBRARY_IMPL(prefix_kernels, CUDA, m) {
-  m.impl("cpp_fwd", &cpp_fwd_cuda);
-  m.impl("cpp_bwd", &cpp_bwd_cuda);
+  m.impl("cuda_fwd", &prefix_kernels::cuda::fwd);
+  m.impl("cuda_bwd", &prefix_kernels::cuda::bwd);
 }

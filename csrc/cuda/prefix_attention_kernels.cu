@@ -1,4 +1,4 @@
-// CUDA fallback kernels of prefix_attention (DESIGN.md "The op"), FlashAttention-2 style.
+// CUDA fallback kernels of the prefix_kernels ops (the op contract: docs/op.md), FlashAttention-2 style.
 //
 // Keys of query row i are the P prefix keys (never masked) followed by the S sequence keys (key padding,
 // causal bottom-right). Every kernel works on shared-memory tiles with 128 threads:
@@ -6,12 +6,17 @@
 //     m16n16k16, fp32 accumulation) for fp16/bf16 and as plain fp32 loops for fp32 inputs;
 //   * accumulators (O, dQ, dK, dV) live in fp32 shared memory, so registers stay low at every head dim
 //     (D is a runtime value, padded with zeros to DP = a multiple of 16 in shared memory).
-// Forward: one block per (query block, b * Hq + h): online softmax over the prefix key blocks then the
-// visible sequence key blocks. Backward: delta = rowsum(dO * O); a dQ kernel per query block; a sequence
-// dK/dV kernel per (key block, b, kv head) looping over the group's query heads and visible query blocks;
-// a prefix dK/dV kernel per (prefix key block, t, kv head, chunk) writing fp32 partial sums, where a chunk
-// is a fixed slice of the (b, head, query block) work list; and a reduction of the chunks in fixed order.
-// No atomics: results are bitwise repeatable.
+// prefix_attention_fwd: one block per (query block, b * Hq + h): online softmax over the prefix key blocks
+// then the visible sequence key blocks. Backward:
+//   prefix_attention_bwd_preprocess   delta = rowsum(dO * O)
+//   prefix_attention_bwd_dq           per query block
+//   prefix_attention_bwd_dkdv         sequence dK/dV per (key block, b, kv head), looping over the group's
+//                                     query heads and visible query blocks
+//   prefix_attention_bwd_dprefix      prefix dK/dV per (prefix key block, t, kv head, chunk) into fp32
+//                                     partial sums, a chunk being a fixed slice of the (b, head, query block)
+//                                     work list
+//   prefix_attention_bwd_dprefix_reduce   the chunks added in a fixed order
+// No atomics: results are bitwise repeatable. A gradient that is not wanted skips the kernels of its own.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,7 +32,8 @@
 #include "../philox.h"  // the dropout RNG shared with the CPU kernels (Triton-identical Philox)
 #include "prefix_attention_kernels.cuh"
 
-namespace pk_cuda {
+namespace prefix_kernels {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -212,7 +218,7 @@ struct FwdSmem {
 };
 
 template <typename T, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_fwd(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int DP = p.DP, D = p.D;
   FwdSmem<T, BM, BN> sm(smem, DP);
@@ -311,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const Params p) {
 // backward: delta = rowsum(dO * O) in fp32, one warp per row
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) delta_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_bwd_preprocess(const Params p) {
   const size_t rows = static_cast<size_t>(p.B) * p.Hq * p.L;
   const size_t row = static_cast<size_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -348,7 +354,7 @@ struct DqSmem {
 };
 
 template <typename T, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, 1) dq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_bwd_dq(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int DP = p.DP, D = p.D;
   DqSmem<T, BM, BN> sm(smem, DP);
@@ -420,14 +426,14 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const Params p) {
 
 // ---------------------------------------------------------------------------------------------------
 // backward: dK, dV of one key block (BN keys) accumulated over query blocks (BM queries each).
-// Shared by the sequence kernel (one block per key block, b, kv head: writes dk, dv) and the prefix
-// kernel (one block per prefix key block, t, kv head, chunk: writes fp32 partial sums).
+// Shared by prefix_attention_bwd_dkdv (one block per sequence key block, b, kv head: writes dk, dv) and
+// prefix_attention_bwd_dprefix (one block per prefix key block, t, kv head, chunk: writes fp32 partial sums).
 
 template <typename T, int BN, int BM>
-struct DkvSmem {
+struct DkdvSmem {
   T* k; T* v; T* q; T* dout; float* s; float* dp; T* pr; T* ds; float* dk; float* dv; float* lse; float* delta;
   size_t bytes;
-  __host__ __device__ DkvSmem(unsigned char* base, int DP) {
+  __host__ __device__ DkdvSmem(unsigned char* base, int DP) {
     size_t off = 0;
     k = take<T>(base, off, static_cast<size_t>(BN) * ld_in<T>(DP));
     v = take<T>(base, off, static_cast<size_t>(BN) * ld_in<T>(DP));
@@ -448,8 +454,8 @@ struct DkvSmem {
 // Adds the contribution of query rows [i0, i0 + BM) of (b, h) to the key block held in sm.k / sm.v.
 // Key j0 + r is column `col0 + r` of the P + S keys; IS_PREFIX: never masked, else key padding + causal.
 template <typename T, int BN, int BM, bool IS_PREFIX>
-__device__ __forceinline__ void dkv_accumulate(const Params& p, DkvSmem<T, BN, BM>& sm, int b, int h, int i0,
-                                               int j0, int nkeys, int col0, float keep_scale) {
+__device__ __forceinline__ void dkdv_accumulate(const Params& p, DkdvSmem<T, BN, BM>& sm, int b, int h, int i0,
+                                                int j0, int nkeys, int col0, float keep_scale) {
   const int DP = p.DP, D = p.D;
   const int ldq = ld_in<T>(DP), lds = ld_acc<T>(BM), ldp = ld_in<T>(BM), ldo = ld_acc<T>(DP);
   const int nrows = min(BM, p.L - i0);
@@ -487,20 +493,21 @@ __device__ __forceinline__ void dkv_accumulate(const Params& p, DkvSmem<T, BN, B
 }
 
 template <typename T, int BN, int BM>
-__device__ __forceinline__ void dkv_init(const Params& p, DkvSmem<T, BN, BM>& sm, const T* kg, const T* vg, int nkeys) {
+__device__ __forceinline__ void dkdv_init(const Params& p, DkdvSmem<T, BN, BM>& sm, const T* kg, const T* vg,
+                                          int nkeys) {
   const int DP = p.DP, ldq = ld_in<T>(DP), ldo = ld_acc<T>(DP);
   load_rows<T>(sm.k, ldq, kg, nkeys, BN, p.D, DP);
   load_rows<T>(sm.v, ldq, vg, nkeys, BN, p.D, DP);
   zero_floats(sm.dk, BN * ldo);
   zero_floats(sm.dv, BN * ldo);
-  // the first dkv_accumulate starts with a barrier
+  // the first dkdv_accumulate starts with a barrier
 }
 
 template <typename T, int BN, int BM>
-__global__ void __launch_bounds__(kThreads, 1) dkv_seq_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_bwd_dkdv(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int DP = p.DP, D = p.D;
-  DkvSmem<T, BN, BM> sm(smem, DP);
+  DkdvSmem<T, BN, BM> sm(smem, DP);
   const int ldo = ld_acc<T>(DP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -513,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_seq_kernel(const Params p) {
   const int nkeys = min(BN, p.S - j0);
   const size_t key0 = static_cast<size_t>(bk) * p.S + j0;
 
-  dkv_init<T, BN, BM>(p, sm, static_cast<const T*>(p.k) + key0 * D, static_cast<const T*>(p.v) + key0 * D, nkeys);
+  dkdv_init<T, BN, BM>(p, sm, static_cast<const T*>(p.k) + key0 * D, static_cast<const T*>(p.v) + key0 * D, nkeys);
   const float keep_scale = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
   // causal: query i sees key j iff i >= j - (S - L); the first key of the block bounds the first query
   const int i_first = p.causal ? max(0, j0 - (p.S - p.L)) : 0;
@@ -521,7 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_seq_kernel(const Params p) {
   for (int g = 0; g < group; ++g) {
     const int h = hk * group + g;
     for (int qb = i_first / BM; qb < nqb; ++qb)
-      dkv_accumulate<T, BN, BM, false>(p, sm, b, h, qb * BM, j0, nkeys, p.P + j0, keep_scale);
+      dkdv_accumulate<T, BN, BM, false>(p, sm, b, h, qb * BM, j0, nkeys, p.P + j0, keep_scale);
   }
   __syncthreads();  // needed when no query block ran (dK/dV zeroed by other threads)
 
@@ -535,10 +542,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_seq_kernel(const Params p) {
 }
 
 template <typename T, int BN, int BM>
-__global__ void __launch_bounds__(kThreads, 1) dkv_prefix_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_bwd_dprefix(const Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int DP = p.DP, D = p.D;
-  DkvSmem<T, BN, BM> sm(smem, DP);
+  DkdvSmem<T, BN, BM> sm(smem, DP);
   const int ldo = ld_acc<T>(DP);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -553,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_prefix_kernel(const Params p)
   const int nkeys = min(BN, p.P - j0);
   const size_t key0 = static_cast<size_t>(t * p.Hkv + hk) * p.P + j0;
 
-  dkv_init<T, BN, BM>(p, sm, static_cast<const T*>(p.pk) + key0 * D, static_cast<const T*>(p.pv) + key0 * D, nkeys);
+  dkdv_init<T, BN, BM>(p, sm, static_cast<const T*>(p.pk) + key0 * D, static_cast<const T*>(p.pv) + key0 * D, nkeys);
   const float keep_scale = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   // work list: (b, g, qb) flattened; chunk c takes the slice [c * W / n, (c + 1) * W / n)
@@ -566,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_prefix_kernel(const Params p)
     const int g = static_cast<int>((w / nqb) % group);
     const int b = static_cast<int>(w / (static_cast<int64_t>(nqb) * group));
     if (p.pidx != nullptr && p.pidx[b] != t) continue;  // uniform over the block
-    dkv_accumulate<T, BN, BM, true>(p, sm, b, hk * group + g, qb * BM, j0, nkeys, j0, keep_scale);
+    dkdv_accumulate<T, BN, BM, true>(p, sm, b, hk * group + g, qb * BM, j0, nkeys, j0, keep_scale);
   }
   __syncthreads();
 
@@ -580,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkv_prefix_kernel(const Params p)
 
 // dprefix = sum over chunks (fixed order) of the fp32 partials, cast to the input dtype.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) prefix_reduce_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) prefix_attention_bwd_dprefix_reduce(const Params p) {
   const size_t n = static_cast<size_t>(p.T) * p.Hkv * p.P * p.D;
   const size_t idx = static_cast<size_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx >= n) return;
@@ -600,16 +607,16 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_reduce_kernel(const Params
 template <typename T> struct Cfg {
   static constexpr int kFwdM = 64, kFwdN = 32;   // forward: queries x keys
   static constexpr int kDqM = 32, kDqN = 32;     // dQ: queries x keys
-  static constexpr int kDkvN = 32, kDkvM = 32;   // dK/dV: keys x queries
+  static constexpr int kDkdvN = 32, kDkdvM = 32; // dK/dV: keys x queries
 };
 template <> struct Cfg<float> {
   static constexpr int kFwdM = 32, kFwdN = 32;
   static constexpr int kDqM = 32, kDqN = 16;
-  static constexpr int kDkvN = 16, kDkvM = 32;
+  static constexpr int kDkdvN = 16, kDkdvM = 32;
 };
 
 std::string smem_error(const char* kernel, size_t need, const Params& p) {
-  return std::string("prefix_attention cuda backend: kernel ") + kernel + " needs " + std::to_string(need) +
+  return std::string("kernel ") + kernel + " needs " + std::to_string(need) +
          " bytes of shared memory at head dim " + std::to_string(p.D) + ", but the device allows " +
          std::to_string(p.max_smem) + " per block";
 }
@@ -619,7 +626,7 @@ template <typename Kernel>
 std::string launch(Kernel kernel, const char* name, size_t grid, size_t smem, const Params& p, cudaStream_t stream) {
   if (grid == 0) return "";
   if (smem > p.max_smem) return smem_error(name, smem, p);
-  if (grid > 0x7fffffffu) return std::string("prefix_attention cuda backend: grid too large for ") + name;
+  if (grid > 0x7fffffffu) return std::string("grid too large for ") + name;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return std::string(name) + ": cudaFuncSetAttribute: " + cudaGetErrorString(err);
   kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
@@ -629,36 +636,37 @@ std::string launch(Kernel kernel, const char* name, size_t grid, size_t smem, co
 }
 
 template <typename T>
-std::string forward_impl(const Params& p, cudaStream_t stream) {
+std::string launch_fwd(const Params& p, cudaStream_t stream) {
   using C = Cfg<T>;
   const size_t smem = FwdSmem<T, C::kFwdM, C::kFwdN>(nullptr, p.DP).bytes;
   const size_t grid = static_cast<size_t>(cdiv(p.L, C::kFwdM)) * p.B * p.Hq;
-  return launch(fwd_kernel<T, C::kFwdM, C::kFwdN>, "fwd_kernel", grid, smem, p, stream);
+  return launch(prefix_attention_fwd<T, C::kFwdM, C::kFwdN>, "prefix_attention_fwd", grid, smem, p, stream);
 }
 
+// The backward kernels in order; those of a gradient not wanted (null output) are skipped.
 template <typename T>
-std::string backward_impl(const Params& p, cudaStream_t stream) {
+std::string launch_bwd(const Params& p, cudaStream_t stream) {
   using C = Cfg<T>;
   const size_t rows = static_cast<size_t>(p.B) * p.Hq * p.L;
-  std::string err = launch(delta_kernel<T>, "delta_kernel", (rows + kWarps - 1) / kWarps, 0, p, stream);
-  if (!err.empty()) return err;
-
-  const size_t dq_smem = DqSmem<T, C::kDqM, C::kDqN>(nullptr, p.DP).bytes;
-  err = launch(dq_kernel<T, C::kDqM, C::kDqN>, "dq_kernel",
-               static_cast<size_t>(cdiv(p.L, C::kDqM)) * p.B * p.Hq, dq_smem, p, stream);
-  if (!err.empty()) return err;
-
-  const size_t dkv_smem = DkvSmem<T, C::kDkvN, C::kDkvM>(nullptr, p.DP).bytes;
-  err = launch(dkv_seq_kernel<T, C::kDkvN, C::kDkvM>, "dkv_seq_kernel",
-               static_cast<size_t>(cdiv(p.S, C::kDkvN)) * p.B * p.Hkv, dkv_smem, p, stream);
-  if (!err.empty()) return err;
-
-  if (p.P > 0) {
-    err = launch(dkv_prefix_kernel<T, C::kDkvN, C::kDkvM>, "dkv_prefix_kernel",
-                 static_cast<size_t>(cdiv(p.P, C::kDkvN)) * p.T * p.Hkv * p.nchunks, dkv_smem, p, stream);
-    if (!err.empty()) return err;
+  std::string err = launch(prefix_attention_bwd_preprocess<T>, "prefix_attention_bwd_preprocess",
+                           (rows + kWarps - 1) / kWarps, 0, p, stream);
+  if (err.empty() && p.dq != nullptr) {
+    const size_t smem = DqSmem<T, C::kDqM, C::kDqN>(nullptr, p.DP).bytes;
+    err = launch(prefix_attention_bwd_dq<T, C::kDqM, C::kDqN>, "prefix_attention_bwd_dq",
+                 static_cast<size_t>(cdiv(p.L, C::kDqM)) * p.B * p.Hq, smem, p, stream);
+  }
+  const size_t dkdv_smem = DkdvSmem<T, C::kDkdvN, C::kDkdvM>(nullptr, p.DP).bytes;
+  if (err.empty() && p.dk != nullptr) {
+    err = launch(prefix_attention_bwd_dkdv<T, C::kDkdvN, C::kDkdvM>, "prefix_attention_bwd_dkdv",
+                 static_cast<size_t>(cdiv(p.S, C::kDkdvN)) * p.B * p.Hkv, dkdv_smem, p, stream);
+  }
+  if (err.empty() && p.dpk != nullptr && p.P > 0) {
+    err = launch(prefix_attention_bwd_dprefix<T, C::kDkdvN, C::kDkdvM>, "prefix_attention_bwd_dprefix",
+                 static_cast<size_t>(cdiv(p.P, C::kDkdvN)) * p.T * p.Hkv * p.nchunks, dkdv_smem, p, stream);
     const size_t n = static_cast<size_t>(p.T) * p.Hkv * p.P * p.D;
-    err = launch(prefix_reduce_kernel<T>, "prefix_reduce_kernel", (n + kThreads - 1) / kThreads, 0, p, stream);
+    if (err.empty())
+      err = launch(prefix_attention_bwd_dprefix_reduce<T>, "prefix_attention_bwd_dprefix_reduce",
+                   (n + kThreads - 1) / kThreads, 0, p, stream);
   }
   return err;
 }
@@ -668,7 +676,7 @@ std::string backward_impl(const Params& p, cudaStream_t stream) {
 int prefix_grad_chunks(const Params& p) {
   if (p.P <= 0) return 1;
   // enough blocks to fill a large GPU (~2 x 132 SMs); a function of the prefix blocks only, never of B
-  const int bn = p.dtype == kFloat32 ? Cfg<float>::kDkvN : Cfg<__half>::kDkvN;
+  const int bn = p.dtype == kFloat32 ? Cfg<float>::kDkdvN : Cfg<__half>::kDkdvN;
   const long long owners = static_cast<long long>(cdiv(p.P, bn)) * p.T * p.Hkv;
   const long long want = (264 + owners - 1) / owners;
   return static_cast<int>(std::min<long long>(64, std::max<long long>(1, want)));
@@ -676,20 +684,21 @@ int prefix_grad_chunks(const Params& p) {
 
 std::string launch_forward(const Params& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case kFloat32: return forward_impl<float>(p, stream);
-    case kFloat16: return forward_impl<__half>(p, stream);
-    case kBFloat16: return forward_impl<__nv_bfloat16>(p, stream);
-    default: return "prefix_attention cuda backend: unsupported dtype";
+    case kFloat32: return launch_fwd<float>(p, stream);
+    case kFloat16: return launch_fwd<__half>(p, stream);
+    case kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
+    default: return "unsupported dtype";
   }
 }
 
 std::string launch_backward(const Params& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case kFloat32: return backward_impl<float>(p, stream);
-    case kFloat16: return backward_impl<__half>(p, stream);
-    case kBFloat16: return backward_impl<__nv_bfloat16>(p, stream);
-    default: return "prefix_attention cuda backend: unsupported dtype";
+    case kFloat32: return launch_bwd<float>(p, stream);
+    case kFloat16: return launch_bwd<__half>(p, stream);
+    case kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
+    default: return "unsupported dtype";
   }
 }
 
-}  // namespace pk_cuda
+}  // namespace cuda
+}  // namespace prefix_kernels

@@ -1,5 +1,5 @@
-// Interface between the CUDA kernels (prefix_attention_kernels.cu, no torch headers) and the torch op
-// registration (prefix_attention_cuda.cu). Plain C++ types only.
+// Interface between the CUDA kernels (prefix_attention_kernels.cu, no torch headers) and the op binding
+// (prefix_attention_cuda.cu). Plain C++ types only.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,11 +8,14 @@
 #include <cstdint>
 #include <string>
 
-namespace pk_cuda {
+namespace prefix_kernels {
+namespace cuda {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Every tensor is contiguous (the binding makes q, k, v, grad_out, out and the prefix contiguous).
+// Every tensor is contiguous (the binding makes q, k, v, grad_out, out and the prefix contiguous, and
+// allocates contiguous outputs). In the backward a null dq, dk (with dv) or dpk (with dpv) is a gradient not
+// wanted: the kernels that only produce it are not launched.
 struct Params {
   // forward inputs
   const void* q = nullptr;   // [B, Hq, L, D]
@@ -50,8 +53,9 @@ struct Params {
 // Number of prefix-gradient chunks for a launch: a function of the prefix blocks only (never of B).
 int prefix_grad_chunks(const Params& p);
 
-// Each launcher returns "" on success, else an error message (nothing is launched then).
+// Each launcher returns "" on success, else an error message without prefix (nothing more is launched then).
 std::string launch_forward(const Params& p, cudaStream_t stream);
 std::string launch_backward(const Params& p, cudaStream_t stream);
 
-}  // namespace pk_cuda
+}  // namespace cuda
+}  // namespace prefix_kernels

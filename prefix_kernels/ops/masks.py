@@ -1,4 +1,4 @@
-"""The one definition of which keys a query sees (DESIGN.md "The op").
+"""The one definition of which keys a query sees (docs/op.md, "Semantics").
 
 Query i (0-based among the L queries) sees every prefix key, and sequence key j iff the key is real
 (`key_padding_mask`) and, when causal, j <= i + (S - L): bottom-right alignment, as in flash-attn, so that a

@@ -1,4 +1,4 @@
-"""Input checks for `prefix_attention`, shared by every backend.
+"""Input checks for `prefix_attention`, shared by every backend (the contract: docs/op.md).
 
 Every check runs before any kernel is launched, so a malformed call raises a Python error that names the
 argument and the expected shape instead of reading out of bounds on a device.
@@ -6,31 +6,10 @@ argument and the expected shape instead of reading out of bounds on a device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
-
-
-@dataclass(frozen=True)
-class AttnShape:
-    """The sizes of one `prefix_attention` call (names as in DESIGN.md)."""
-
-    B: int  # batch rows
-    Hq: int  # query heads
-    Hkv: int  # key/value heads
-    L: int  # queries per row
-    S: int  # sequence keys per row
-    P: int  # prefix keys
-    D: int  # head dim
-    T: int  # number of prefixes (1 unless prefix_index is given)
-    multi_prefix: bool
-
-    @property
-    def group(self) -> int:
-        return self.Hq // self.Hkv
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -43,8 +22,12 @@ def _require_tensor(name: str, t) -> None:
 
 
 def validate(
-    q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, dropout_p, prefix_index
-) -> AttnShape:
+    q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, dropout_p, prefix_index,
+    check_index_values: bool = True,
+) -> None:
+    """Raise TypeError / ValueError naming the argument and what was expected. Reads only shapes, dtypes and
+    devices, except the range of `prefix_index` (a device sync on CUDA), which `check_index_values=False`
+    leaves to a caller that checked it once for many calls (the transformers integration, once per forward)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require_tensor(name, t)
     if q.dim() != 4:
@@ -70,13 +53,13 @@ def validate(
         if prefix_k.dim() != 3 or prefix_k.shape[0] != Hkv or prefix_k.shape[2] != D:
             raise ValueError(f"prefix_k must have shape {expected}, got {_shape(prefix_k)}"
                              + (" (a 4-dim prefix needs prefix_index)" if prefix_k.dim() == 4 else ""))
-        T, P = 1, prefix_k.shape[1]
+        T = 1
     else:
         _require_tensor("prefix_index", prefix_index)
         expected = f"[T, Hkv={Hkv}, P, D={D}]"
         if prefix_k.dim() != 4 or prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
             raise ValueError(f"prefix_k must have shape {expected} when prefix_index is given, got {_shape(prefix_k)}")
-        T, P = prefix_k.shape[0], prefix_k.shape[2]
+        T = prefix_k.shape[0]
         if T == 0:
             raise ValueError("prefix_k must hold at least one prefix (T >= 1) when prefix_index is given")
         if prefix_index.dtype != torch.int64:
@@ -85,9 +68,8 @@ def validate(
             raise ValueError(f"prefix_index must have shape [B={B}], got {_shape(prefix_index)}")
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index must be on {q.device} like q, got {prefix_index.device}")
-        lo, hi = int(prefix_index.min()), int(prefix_index.max())
-        if lo < 0 or hi >= T:
-            raise ValueError(f"prefix_index values must lie in [0, T={T}), got values in [{lo}, {hi}]")
+        if check_index_values:
+            check_prefix_index_values(prefix_index, T)
     if tuple(prefix_v.shape) != tuple(prefix_k.shape):
         raise ValueError(f"prefix_v must have the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}")
 
@@ -113,4 +95,12 @@ def validate(
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    return AttnShape(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, P=P, D=D, T=T, multi_prefix=prefix_index is not None)
+
+
+def check_prefix_index_values(prefix_index: torch.Tensor, T: int) -> None:
+    """prefix_index values must pick one of the T prefixes (reads the values: one device sync)."""
+    if prefix_index.numel() == 0:
+        return
+    lo, hi = int(prefix_index.min()), int(prefix_index.max())
+    if lo < 0 or hi >= T:
+        raise ValueError(f"prefix_index values must lie in [0, T={T}), got values in [{lo}, {hi}]")

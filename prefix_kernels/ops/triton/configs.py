@@ -2,7 +2,7 @@
 
 `TILE_CONFIGS[kernel][D_PAD]` lists (BLOCK_M, BLOCK_N, num_warps, num_stages). Every entry shipped here
 compiles for sm_80 and sm_90 without register spills and within shared memory (checked in CI by
-`python -m prefix_kernels.ops.triton.compile_check`). Under pytest and the Triton interpreter one config is
+`tools/triton_compile_check.py`). Under pytest and the Triton interpreter one config is
 pinned so that tests do not spend their time tuning (the pattern of Triton's fused-attention tutorial).
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import triton
+
+from . import interpreting
 
 # kernel -> head-dim bucket -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
 TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
@@ -30,7 +32,7 @@ TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
-    "bwd_prefix": {
+    "bwd_dprefix": {
         64: [(64, 128, 8, 2), (32, 64, 4, 3)],
         128: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
@@ -47,10 +49,6 @@ PREFIX_AUTOTUNE_KEY = ["L_BUCKET", "D_PAD", "DROPOUT", "ATOMIC", "DOT_PRECISION"
 
 def head_dim_bucket(d_pad: int) -> int:
     return 64 if d_pad <= 64 else d_pad
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def pinned() -> bool:
@@ -95,7 +93,7 @@ def autotuned_kernel(kernel: str):
                   for c in configs_for(kernel, d_pad)}
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    key = PREFIX_AUTOTUNE_KEY if kernel == "bwd_prefix" else AUTOTUNE_KEY
-    reset = ["DPK", "DPV"] if kernel == "bwd_prefix" else None
+    key = PREFIX_AUTOTUNE_KEY if kernel == "bwd_dprefix" else AUTOTUNE_KEY
+    reset = ["DPK", "DPV"] if kernel == "bwd_dprefix" else None
     return triton.autotune(configs=all_configs(kernel), key=key, prune_configs_by={"early_config_prune": prune},
                            reset_to_zero=reset)

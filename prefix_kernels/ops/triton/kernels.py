@@ -1,10 +1,10 @@
-"""Triton kernels for attention over [shared prefix] + [sequence] (DESIGN.md "The op").
+"""Triton kernels for attention over [shared prefix] + [sequence] (docs/op.md).
 
 Every kernel walks the P prefix keys of its row's prefix (no batch offset: `prefix_index` picks it) and then
 the S sequence keys, with one online softmax over both. Scores live in the log2 domain
 (`qk * scale * log2(e)`) so that `exp2` is used throughout; the stored LSE is in natural-log units.
 
-Launch glue, tile configs and autograd live in `op.py` and `configs.py` beside this file.
+Launch glue lives in `launch.py`, tile configs in `configs.py` beside this file.
 """
 
 import triton
@@ -68,7 +68,7 @@ def _causal_seq_end(start_m, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 @autotuned_kernel("fwd")
 @triton.jit
 def prefix_attention_fwd(
-    Q, K, V, PK, PV, KPM, PIDX, O, LSE,
+    Q, K, V, PK, PV, KPM, PIDX, OUT, LSE,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -132,13 +132,13 @@ def prefix_attention_fwd(
     # +inf for rows with no visible key makes exp(s - lse) exactly 0 in the backward (zero gradients).
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_i)) * LN2)
     tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_valid)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def prefix_attention_bwd_preprocess(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     Hq, L,
@@ -151,7 +151,7 @@ def prefix_attention_bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_valid = offs_m < L
-    o = _load_block(O + b * stride_ob + h * stride_oh, offs_m, stride_ol, offs_d, stride_od, row_valid, D)
+    o = _load_block(OUT + b * stride_ob + h * stride_oh, offs_m, stride_ol, offs_d, stride_od, row_valid, D)
     do = _load_block(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, offs_d, stride_dod, row_valid, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * L + offs_m, delta, mask=row_valid)
@@ -319,7 +319,7 @@ def prefix_attention_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=d_mask)
 
 
-@autotuned_kernel("bwd_prefix")
+@autotuned_kernel("bwd_dprefix")
 @triton.jit
 def prefix_attention_bwd_dprefix(
     Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV,

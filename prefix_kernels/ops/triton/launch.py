@@ -1,7 +1,8 @@
-"""The triton backend as `torch.library` ops: launch glue, fake implementations and autograd.
+"""The triton backend's implementations of `triton_fwd` / `triton_bwd` (schema, fakes and autograd: library.py).
 
-`triton_op` + `wrap_triton` make the kernels visible to torch.compile, and the same registration runs the
-kernels under TRITON_INTERPRET=1 on CPU tensors for the tests.
+Registered for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1, where the same launches run in
+Triton's interpreter for the tests. To torch.compile the op is one opaque custom op (its fake gives shapes
+and strides), so a compiled model keeps the fused kernels without a graph break.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
-from ..dropout import draw_seed
-from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, interpreting, plain_tile
+from ..library import op_names
+from . import interpreting
+from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, plain_tile
 from .kernels import (
     prefix_attention_bwd_dkdv,
     prefix_attention_bwd_dq,
@@ -53,16 +54,13 @@ def _common_constexprs(q: torch.Tensor, Hkv: int, causal: bool, dropout_p: float
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    # wrap_triton makes the launch visible to torch.compile (under TRITON_INTERPRET=1 it hands back the plain
-    # kernel, so compiling a model is a GPU-only feature; eager runs everywhere).
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    kernel[grid](*args, **kwargs)
 
 
 def _buckets(L: int, S: int) -> tuple[int, int]:
     return triton.next_power_of_2(L), triton.next_power_of_2(max(S, 1))
 
 
-@triton_op("prefix_kernels::triton_fwd", mutates_args=())
 def triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor],
@@ -71,7 +69,7 @@ def triton_fwd(
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
-    out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     kpm, kpm_strides, has_kpm = _mask_args(key_padding_mask, q)
     pidx = q if prefix_index is None else prefix_index
@@ -103,12 +101,11 @@ def _prefix_splits(q: torch.Tensor, Hkv: int, P: int, T: int, deterministic: boo
     return max(1, min(wanted, cap, units))
 
 
-@triton_op("prefix_kernels::triton_bwd", mutates_args=())
 def triton_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
     prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -129,18 +126,20 @@ def triton_bwd(
         D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block, num_warps=pre_warps, num_stages=pre_stages,
     )
 
-    dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
-    _launch(
-        prefix_attention_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
-        q, k, v, prefix_k, prefix_v, kpm, pidx, grad_out, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-        *_strides(grad_out), *_strides(dq), *kpm_strides,
-        Hq, L, S, P, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi, HAS_KPM=has_kpm, **consts,
-    )
+    want_dq, want_dkdv, want_dprefix = (bool(w) for w in output_mask)
+    dq = torch.empty_like(q) if want_dq else q.new_empty((0,))
+    if want_dq:
+        _launch(
+            prefix_attention_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
+            q, k, v, prefix_k, prefix_v, kpm, pidx, grad_out, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+            *_strides(grad_out), *_strides(dq), *kpm_strides,
+            Hq, L, S, P, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi, HAS_KPM=has_kpm, **consts,
+        )
 
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
-    if S > 0:
+    dk = torch.empty_like(k) if want_dkdv else k.new_empty((0,))
+    dv = torch.empty_like(v) if want_dkdv else v.new_empty((0,))
+    if want_dkdv and S > 0:
         _launch(
             prefix_attention_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
             q, k, v, kpm, grad_out, lse, delta, dk, dv,
@@ -149,15 +148,24 @@ def triton_bwd(
             Hq, Hkv, L, S, P, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm, **consts,
         )
 
+    if not want_dprefix:
+        return dq, dk, dv, prefix_k.new_empty((0,)), prefix_v.new_empty((0,))
+    return (dq, dk, dv, *_prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S,
+                                           scale_log2, dropout_p, seed, buckets, deterministic, consts))
+
+
+def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S, scale_log2, dropout_p,
+                      seed, buckets, deterministic, consts):
+    B, Hq, L, D = q.shape
+    Hkv = prefix_k.shape[-3]
     if P == 0:
-        dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-        return dq, dk, dv, dpk, dpv
+        return torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     n_splits = _prefix_splits(q, Hkv, P, T, deterministic)
     slots = 1 if not deterministic else n_splits
     alloc = torch.zeros if not deterministic else torch.empty
     dpk_acc = alloc((slots, T, Hkv, P, D), dtype=torch.float32, device=q.device)
     dpv_acc = alloc((slots, T, Hkv, P, D), dtype=torch.float32, device=q.device)
-    del consts["CAUSAL"]  # every query sees every prefix key
+    consts = {name: value for name, value in consts.items() if name != "CAUSAL"}  # every query sees the prefix
     _launch(
         prefix_attention_bwd_dprefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
         q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc,
@@ -168,32 +176,7 @@ def triton_bwd(
     # Summing the chunk slices in index order keeps the reduction deterministic.
     dpk = dpk_acc.sum(0).to(prefix_k.dtype).reshape(prefix_k.shape)
     dpv = dpv_acc.sum(0).to(prefix_v.dtype).reshape(prefix_v.shape)
-    return dq, dk, dv, dpk, dpv
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed, det = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index)
-    ctx.args = (causal, scale, dropout_p, seed, det)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index = ctx.saved_tensors
-    grads = torch.ops.prefix_kernels.triton_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse,
-                                               key_padding_mask, prefix_index, *ctx.args)
-    return (*grads, None, None, None, None, None, None, None)
-
-
-triton_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def triton_prefix_attention(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, dropout_p,
-                            prefix_index, deterministic):
-    seed = draw_seed(dropout_p)
-    out, _ = torch.ops.prefix_kernels.triton_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index,
-                                                 causal, scale, dropout_p, seed, deterministic)
-    return out
+    return dpk, dpv
 
 
 def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, seed: int,
@@ -205,3 +188,9 @@ def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: floa
     prefix_attention_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n,
                                    num_warps=warps, num_stages=stages)
     return keep.bool()
+
+
+_fwd_name, _bwd_name = op_names("triton")
+_devices = ("cuda", "cpu") if interpreting() else ("cuda",)
+torch.library.register_kernel(_fwd_name, _devices)(triton_fwd)
+torch.library.register_kernel(_bwd_name, _devices)(triton_bwd)

@@ -1,10 +1,11 @@
-"""`prefix_attention`: the public op (DESIGN.md "The op"). Validates, then hands off to one backend."""
+"""`prefix_attention`: the public op (docs/op.md). Validates once, resolves a backend, calls its op."""
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import backend_function, choose_backend
+from .backends import Backend, resolve_backend
+from .dropout import draw_seed
 from .validation import validate
 
 
@@ -20,13 +21,14 @@ def prefix_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     prefix_index: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str | Backend | None = None,
     deterministic: bool = True,
+    check_prefix_index: bool = True,
 ) -> torch.Tensor:
     """Attention of `q` over `[shared prefix keys] + [per-sequence keys]`, without copying the prefix.
 
     Args:
-        q: `[B, Hq, L, D]` queries.
+        q: `[B, Hq, L, D]` queries, any strides.
         k, v: `[B, Hkv, S, D]` sequence keys and values (S may exceed L, e.g. a KV cache in decoding).
         prefix_k, prefix_v: `[Hkv, P, D]` shared by every row, or `[T, Hkv, P, D]` with `prefix_index`.
         causal: query i sees sequence key j iff j <= i + (S - L); every query sees every prefix key.
@@ -34,24 +36,27 @@ def prefix_attention(
         scale: softmax scale, default `D ** -0.5`.
         dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
         prefix_index: int64 `[B]`, which of the T prefixes each row uses.
-        backend: "triton", "cuda", "cpu", "reference" or None (fastest available; the environment
-            variable PREFIX_KERNELS_BACKEND overrides the default).
+        backend: "triton", "cuda", "cpu", "reference", a `Backend` record from `resolve_backend`, or None
+            (fastest available; the environment variable PREFIX_KERNELS_BACKEND overrides the default).
         deterministic: prefix gradients are summed over the batch in a fixed order (default). False lets
             the triton backend use fp32 atomics, faster with few prefix blocks but not bitwise repeatable.
+        check_prefix_index: check that the values of `prefix_index` lie in [0, T) (one device sync). A
+            caller that checked them once for many calls (the transformers integration) passes False.
 
     Returns:
-        `[B, Hq, L, D]` in the dtype of q.
+        `[B, Hq, L, D]` in the dtype and memory layout of q (for q a transposed `[B, L, Hq, D]` buffer,
+        `out.transpose(1, 2)` is contiguous).
     """
     validate(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-             dropout_p=dropout_p, prefix_index=prefix_index)
+             dropout_p=dropout_p, prefix_index=prefix_index, check_index_values=check_prefix_index)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    name = choose_backend(backend, q.device)
-    if q.dtype == torch.float64 and name != "reference":
-        raise TypeError(f"float64 inputs are supported by the reference backend only, not {name!r}")
+    record = resolve_backend(backend, q.device)
+    if q.dtype == torch.float64 and record.name != "reference":
+        raise TypeError(f"float64 inputs are supported by the reference backend only, not {record.name!r}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, dropout_p=float(dropout_p),
-                  prefix_index=prefix_index)
-    if name != "reference":
-        kwargs["deterministic"] = deterministic
-    return backend_function(name)(q, k, v, prefix_k, prefix_v, **kwargs)
+    dropout_p = float(dropout_p)
+    seed = draw_seed(dropout_p) if dropout_p > 0.0 else 0
+    out, _lse = record.fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p,
+                           seed, deterministic)
+    return out

@@ -1,0 +1,134 @@
+"""The backends, one record each, and the one place that decides which of them runs a call.
+
+A `Backend` says whether it can run on a device (and why not) and holds its forward and backward ops (the
+schema in `library.py`). `backend=None` takes the fastest backend available for the device;
+`PREFIX_KERNELS_BACKEND` overrides that default (an explicit name still wins). A fallback is logged once per
+(device type, chosen backend), so a slow path is never silent. Resolving is cheap but not free: callers that
+run the op many times (the transformers integration) resolve once per device and keep the record.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import library
+from .triton import interpreting
+
+logger = logging.getLogger("prefix_kernels")
+
+BACKENDS = library.BACKEND_NAMES
+# Preference order per device type.
+_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "PREFIX_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> str | None:
+    """Import the module that registers a backend's implementations; None on success, else why it failed."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    error = _import_error("prefix_kernels.ops.triton.launch")
+    return None if error is None else f"triton is not installed or failed to import ({error}); pip install triton"
+
+
+def _compiled_reason(backend: str, device: torch.device) -> str | None:
+    from . import extension
+
+    if device.type != backend:
+        return f"the {backend} backend needs {backend} tensors, got {device.type} tensors"
+    return extension.unavailable_reason(backend)
+
+
+_REASONS: dict[str, Callable[[torch.device], str | None]] = {
+    "reference": lambda device: None,
+    "triton": _triton_reason,
+    "cpu": functools.partial(_compiled_reason, "cpu"),
+    "cuda": functools.partial(_compiled_reason, "cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the op: `fwd`/`bwd` are `torch.ops.prefix_kernels.{name}_fwd/_bwd`."""
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return _REASONS[self.name](torch.device(device))
+
+    @property
+    def fwd(self):
+        return getattr(torch.ops.prefix_kernels, f"{self.name}_fwd").default
+
+    @property
+    def bwd(self):
+        return getattr(torch.ops.prefix_kernels, f"{self.name}_bwd").default
+
+
+_RECORDS = {name: Backend(name) for name in BACKENDS}
+
+
+def backend(name: str) -> Backend:
+    if name not in _RECORDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    return _RECORDS[name]
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None if backend `name` can run on `device`, else a sentence saying why not and what to do."""
+    return backend(name).unavailable_reason(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(device_type: str, chosen: str, reasons: str) -> None:
+    logger.warning("prefix_kernels: using the %s backend for %s tensors (%s)", chosen, device_type, reasons)
+
+
+def resolve_backend(name: str | Backend | None, device: torch.device | str) -> Backend:
+    """The record that runs on `device`: `name` (error if unavailable) or, for None, the fastest available."""
+    if isinstance(name, Backend):
+        return name
+    return _RECORDS[_resolve_name(name, str(torch.device(device)))]
+
+
+# A constant for torch.compile: the availability checks ask the dispatcher and import modules, which a traced
+# function must not do on every call (and Dynamo cannot trace).
+@torch.compiler.assume_constant_result
+def _resolve_name(name: str | None, device_name: str) -> str:
+    device = torch.device(device_name)
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+    if name is not None:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise RuntimeError(f"prefix_attention backend {name!r} is unavailable: {reason}")
+        return name
+    skipped = []
+    for candidate in _PREFERENCE.get(device.type, ("reference",)):
+        reason = unavailable_reason(candidate, device)
+        if reason is None:
+            if skipped:
+                _log_fallback_once(device.type, candidate, "; ".join(skipped))
+            return candidate
+        skipped.append(f"{candidate}: {reason}")
+    raise AssertionError("the reference backend is always available")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]
