@@ -215,8 +215,8 @@ def test_corrupt_adapter_is_refused_and_leaves_the_model_untouched(tokenizer, tm
         save_file(tensors, str(encoder_file))
     model = mlm()
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
-    with pytest.raises((ValueError, RuntimeError)) as info:
+    words = {"truncate-encoder": "safetensors", "bad-json": "JSON", "wrong-shape": "prompt encoder tensors expected"}
+    with pytest.raises(ValueError, match=words[damage]):
         PTuningModel.from_pretrained(model, tokenizer, tmp_path)
-    assert "safetensors" in str(info.value) or "JSON" in str(info.value) or "size" in str(info.value)
     for n, p in model.named_parameters():
         assert p.requires_grad == before[n][0] and torch.equal(p, before[n][1]), n

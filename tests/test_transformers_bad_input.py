@@ -125,7 +125,7 @@ def test_four_d_mask_is_refused():
         pm(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
 
-# ---- issue 7 (reliability): more rows of docs/bad_input.md ------------------------------------------------------
+# ---- more rows of docs/bad_input.md ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls,kwargs,error,words", [
     (pk.PTuningV2Config, dict(num_virtual_tokens=4, prefix_dropout=-0.1), ValueError, "[0, 1), got -0.1"),
@@ -205,3 +205,15 @@ def test_nan_in_inputs_propagates_like_the_base_model():
         want = base(inputs_embeds=emb, attention_mask=mask).logits
     assert torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
     assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+def test_static_caches_are_refused_with_a_message():
+    from transformers import StaticCache
+
+    model = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=3))
+    ids = tokens(2, 5)
+    with pytest.raises(NotImplementedError, match="dynamic caches only.*cache_implementation='static'"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(NotImplementedError, match="dynamic caches only.*StaticCache"):
+        model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+    assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 7)

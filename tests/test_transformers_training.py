@@ -160,3 +160,51 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
     assert not torch.equal(pm.prefix_encoder.embedding.weight.detach(), before)
     with pytest.raises(ValueError, match="use_reentrant=False"):
         pm.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+def test_prefix_cast_once_per_step_and_backend_resolved_once_per_model(monkeypatch):
+    """A bf16 model with an fp32 prefix encoder: each step casts the whole prefix [layers, 2, Hkv, P, D] once,
+    never one layer's prefix; the op backend is resolved once for the model, not per layer or step; and
+    gradient checkpointing recomputes with the same cast prefix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from prefix_kernels.methods import prefix_model
+
+    resolved = []
+    real_resolve = prefix_model.resolve_backend
+
+    def counting_resolve(name, device):
+        resolved.append(device)
+        return real_resolve(name, device)
+
+    monkeypatch.setattr(prefix_model, "resolve_backend", counting_resolve)
+    P = 3
+    pm = wrap(llama().to(torch.bfloat16), P=P, backend="reference")
+    assert pm.prefix_encoder.embedding.weight.dtype == torch.float32
+    layers, Hkv, D = pm.layout.num_layers, pm.layout.num_kv_heads, pm.layout.head_dim
+    casts = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    ids = tokens(2, 5)
+    with Record(), torch.no_grad():
+        for _ in range(2):
+            pm(input_ids=ids)
+    assert [s for s in casts if s[-2:] == (P, D)] == [(layers, 2, Hkv, P, D)] * 2
+    assert len(resolved) == 1
+
+    pm.train()
+    batch = dict(input_ids=ids, labels=ids)
+    loss0, grads0 = _loss_and_grads(pm, batch)
+    pm.gradient_checkpointing_enable()
+    loss1, grads1 = _loss_and_grads(pm, batch)
+    torch.testing.assert_close(loss1, loss0)
+    for name in grads0:
+        assert grads0[name].abs().sum() > 0
+        torch.testing.assert_close(grads1[name], grads0[name], msg=name)
+    assert len(resolved) == 1

@@ -1,14 +1,13 @@
-"""Hugging Face transformers integration: train a prefix with the fused op without touching model code.
-
-    model = prefix_kernels.get_prefix_model(model, prefix_kernels.PrefixTuningConfig(num_virtual_tokens=20))
+"""The transformers glue: the attention function, the mask function and the family table.
 
 Importing this subpackage registers the "prefix_kernels" attention function and mask function with
-transformers' `AttentionInterface` and `AttentionMaskInterface`.
+transformers' `AttentionInterface` and `AttentionMaskInterface`. The models that own a prefix and bind it to
+the attention modules are the methods' (`prefix_kernels.methods`); nothing here imports them.
 """
 
-from .attention import ATTN_IMPLEMENTATION, PrefixMask, prefix_attention_forward, prefix_mask_function
-from .families import FAMILIES, UNSUPPORTED
-from .model import PrefixModel, get_prefix_model
+from .attention import (ATTN_IMPLEMENTATION, LayerBinding, PrefixMask, PrefixSource, prefix_attention_forward,
+                        prefix_mask_function)
+from .families import FAMILIES, UNSUPPORTED, ModelLayout, detect
 
-__all__ = ["ATTN_IMPLEMENTATION", "FAMILIES", "PrefixMask", "PrefixModel", "UNSUPPORTED", "get_prefix_model",
-           "prefix_attention_forward", "prefix_mask_function"]
+__all__ = ["ATTN_IMPLEMENTATION", "FAMILIES", "LayerBinding", "ModelLayout", "PrefixMask", "PrefixSource",
+           "UNSUPPORTED", "detect", "prefix_attention_forward", "prefix_mask_function"]

@@ -1,21 +1,23 @@
 """The attention function and mask function registered with transformers under the name "prefix_kernels".
 
 transformers calls the mask function once per forward (per mask kind) instead of building its dense
-`[B, 1, L, S]` mask; ours returns a `PrefixMask`: the key padding `[B, S]` (None when nothing is padded) and
-the causal flag, which is all the fused op needs (which key a query sees is decided in
-`prefix_kernels.ops.masks`, by the op). The attention function looks up the prefix of its layer from the
-binding that `PrefixModel` put on the module, so two wrapped models never share state.
+`[B, 1, L, S]` mask; ours returns a `PrefixMask`: the key padding `[B, S]` (None without an attention mask)
+and the causal flag, which is all the fused op needs (which key a query sees is decided by the op). The
+attention function reads the prefix of its layer from the binding that the wrapping model put on the module
+(`LayerBinding`: its state and its slot), so two wrapped models never share state. Nothing here reads tensor
+values: no host synchronisation per layer, and torch.compile sees no data-dependent branch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from ..ops import prefix_attention
+from ..ops import Backend, prefix_attention
 
 ATTN_IMPLEMENTATION = "prefix_kernels"
 
@@ -31,8 +33,8 @@ _UNSUPPORTED_KWARGS = {
 
 @dataclass(frozen=True)
 class PrefixMask:
-    """The compact mask handed to the fused op: `key_padding_mask` bool `[B, S]` (True = real token; None when
-    no key is padded) and `causal`. The prefix is never masked."""
+    """The compact mask handed to the fused op: `key_padding_mask` bool `[B, S]` (True = real token; None
+    without an attention mask) and `causal`. The prefix is never masked."""
 
     key_padding_mask: torch.Tensor | None
     causal: bool
@@ -65,17 +67,29 @@ def prefix_mask_function(
             raise ValueError(f"attention_mask must be 2D [batch, keys], got shape {tuple(attention_mask.shape)}")
         if attention_mask.shape[-1] < kv_length:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, expected {kv_length}")
+        # Kept even when nothing is padded: testing that would sync the device, and the kernels skip
+        # all-padding key blocks anyway.
         padding = attention_mask[:, -kv_length:].to(torch.bool)
-        if bool(padding.all()):
-            padding = None
     return PrefixMask(padding, causal)
+
+
+class PrefixSource(Protocol):
+    """What the attention function needs from the model that owns the prefix (its per-step state)."""
+
+    prefix_index: torch.Tensor | None  # int64 [B], values checked once per forward; None: one shared prefix
+
+    def layer_prefix(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """That layer's prefix keys and values, [Hkv, P, D] (or [T, Hkv, P, D] with prefix_index), in dtype."""
+
+    def backend_for(self, device: torch.device) -> Backend:
+        """The op backend for this device, resolved once per model."""
 
 
 @dataclass
 class LayerBinding:
     """Put on each attention module (`module._prefix_kernels`): its model's prefix state and its slot."""
 
-    state: object  # prefix_kernels.transformers.model.PrefixState
+    state: PrefixSource
     slot: int
 
 
@@ -118,21 +132,24 @@ def prefix_attention_forward(
     if padding is not None and padding.device != query.device:
         padding = padding.to(query.device)
 
-    prefix_k, prefix_v = binding.state.layer_prefix(binding.slot)
+    state = binding.state
+    prefix_k, prefix_v = state.layer_prefix(binding.slot, query.dtype)
     # A state serving several prefixes (MultiPrefixModel) says which one each row reads.
-    prefix_index = getattr(binding.state, "prefix_index", None)
+    prefix_index = state.prefix_index
     if prefix_index is not None:
         if prefix_index.shape[0] != B:
             raise ValueError(f"prefix_index has {prefix_index.shape[0]} rows but the batch has {B} (generate "
                              "with beams or num_return_sequences expands the batch: pass the expanded prefix_index)")
         prefix_index = prefix_index.to(query.device)
     out = prefix_attention(
-        query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
+        query, key, value, prefix_k, prefix_v,
         causal=causal, key_padding_mask=padding,
         scale=scaling, dropout_p=float(dropout) if module.training else 0.0,
-        prefix_index=prefix_index, backend=binding.state.backend,
+        prefix_index=prefix_index, backend=state.backend_for(query.device), check_prefix_index=False,
     )
-    return out.transpose(1, 2).contiguous(), None
+    # out has the layout of query, transformers' [B, L, H, D] buffer seen as [B, H, L, D]: this transpose is
+    # the contiguous [B, L, H, D] that transformers reshapes next, without a copy.
+    return out.transpose(1, 2), None
 
 
 def register() -> None:

@@ -2,11 +2,10 @@
 
 Any model on transformers' attention interface (its attention layers call
 `ALL_ATTENTION_FUNCTIONS.get_interface`, which `PreTrainedModel._can_set_attn_implementation` checks) is handled
-generically: its
-attention modules are the submodules that carry `is_causal` and `scaling` (the attributes the interface's
-attention functions read). They are grouped into stacks (decoder-only / encoder-only: "self"; encoder-decoder:
-"encoder", "decoder", "cross"), each with its own prefix per layer, never tied. `FAMILIES` lists what is
-tested; `UNSUPPORTED` what cannot work and why.
+generically: its attention modules are the submodules that carry `is_causal` and `scaling` (the attributes the
+interface's attention functions read). They are grouped into stacks (decoder-only / encoder-only: "self";
+encoder-decoder: "encoder", "decoder", "cross"), each with its own prefix per layer, never tied. `FAMILIES`
+names the families the tests cover; `UNSUPPORTED` what cannot work and why.
 """
 
 from __future__ import annotations
@@ -14,34 +13,25 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 
 @dataclass(frozen=True)
 class Family:
+    """A family the tests cover by name; `kind` is what its models are ("decoder", "encoder" or
+    "encoder-decoder")."""
+
     name: str
     model_types: tuple[str, ...]
-    kind: str  # "decoder", "encoder" or "encoder-decoder"
-    positions: str  # "rope", "absolute" or "none"
-    tested: str
+    kind: str
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("Llama", ("llama",), "decoder", "rope",
-           "PEFT equivalence (logits + prefix grads, GQA, projection on/off), PEFT adapter load, generate "
-           "(greedy vs recompute, left padding, cache length, sampling), padding, gradient checkpointing, "
-           "sequence classification, Trainer, save/resume, position_offset=False, compact mask"),
-    Family("GPT-2", ("gpt2",), "decoder", "absolute",
-           "PEFT equivalence, generate (greedy vs recompute), token classification, max-position error"),
-    Family("BERT", ("bert",), "encoder", "absolute",
-           "sequence and token classification, padding (left and right), gradient checkpointing, "
-           "max-position error"),
-    Family("RoBERTa", ("roberta",), "encoder", "absolute",
-           "sequence classification, padding, positions (padding_idx convention + P)"),
-    Family("BART", ("bart",), "encoder-decoder", "absolute",
-           "encoder self-, decoder self- and cross-attention prefixes (no tying), generate (greedy vs "
-           "recompute), padding, save/load"),
+    Family("Llama", ("llama",), "decoder"),
+    Family("GPT-2", ("gpt2",), "decoder"),
+    Family("BERT", ("bert",), "encoder"),
+    Family("RoBERTa", ("roberta",), "encoder"),
+    Family("BART", ("bart",), "encoder-decoder"),
 )
 
 UNSUPPORTED: dict[str, str] = {
@@ -195,18 +185,6 @@ def _find_positions(model: nn.Module, layout: ModelLayout) -> None:
         layout.position_style = "none"
 
 
-def validate_positions(layout: ModelLayout, num_virtual_tokens: int, position_offset: bool) -> None:
-    if not position_offset:
-        return
-    if layout.position_style == "none" and (layout.rope or layout.max_positions):
-        raise ValueError(f"position_offset=True needs to shift the positions of real tokens by P, but "
-                         f"{layout.model_type} takes no position_ids; use position_offset=False")
-    if layout.max_positions is not None and num_virtual_tokens >= layout.max_positions:
-        raise ValueError(f"num_virtual_tokens must be below the model's {layout.max_positions} absolute positions "
-                         f"with position_offset=True (real tokens start at position P), got "
-                         f"{num_virtual_tokens}")
-
-
 def task_type_of(model: nn.Module) -> str:
     name = type(model).__name__
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
@@ -224,9 +202,3 @@ def default_heads(model: nn.Module) -> list[str]:
     if task_type_of(model) in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"):
         return []
     return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

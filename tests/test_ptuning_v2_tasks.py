@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels.serving import MultiPrefixModel
-from prefix_kernels.tasks import PrefixTaskModel
+from prefix_kernels import MultiPrefixModel, PrefixTaskModel
 from tiny_models import bert, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -228,3 +227,68 @@ def test_prefix_index_errors(tmp_path):
         server(input_ids=ids)
     with pytest.raises(ValueError, match=r"in \[0, 2\)"):
         server(input_ids=ids, prefix_index=[0, 2])
+    with pytest.raises(TypeError, match="prefix_index must hold integers"):
+        server(input_ids=ids, prefix_index=[0.5, 1])
+    with pytest.raises(ValueError, match="at least one adapter"):
+        MultiPrefixModel.from_pretrained(llama(), {})
+    with pytest.raises(NotImplementedError, match="dynamic caches only"):
+        server.generate(input_ids=ids, adapter_names=["a0", "a1"], max_new_tokens=2, cache_implementation="static")
+
+
+def test_task_model_from_a_folder_without_its_task_config(tmp_path):
+    from prefix_kernels.methods.adapter_io import TASK_CONFIG
+
+    model = PrefixTaskModel(bert_base(), pk.PTuningV2Config(num_virtual_tokens=3), {"sst2": 2})
+    model.save_pretrained(tmp_path)
+    (tmp_path / TASK_CONFIG).unlink()
+    backbone = bert_base()
+    with pytest.raises(FileNotFoundError, match=f"adapter file .*{TASK_CONFIG} does not exist"):
+        PrefixTaskModel.from_pretrained(backbone, tmp_path)
+    assert getattr(backbone, "_prefix_kernels_model", None) is None  # untouched
+
+
+def test_bank_save_pretrained_round_trip(tmp_path):
+    """A saved bank loads back with the same adapters in the same order and gives identical logits per row;
+    each of its sub-folders is a prefix adapter that `PrefixModel.from_pretrained` loads."""
+    import json
+
+    dirs = _adapters(tmp_path, n=3)
+    server = MultiPrefixModel.from_pretrained(llama(), {"a/2": dirs["a2"], "a0": dirs["a0"], "a1": dirs["a1"]})
+    server.save_pretrained(tmp_path / "bank")
+    index = json.loads((tmp_path / "bank" / "prefix_bank.json").read_text())
+    assert [a["name"] for a in index["adapters"]] == ["a/2", "a0", "a1"]
+    assert [a["path"] for a in index["adapters"]] == ["adapter_0", "a0", "a1"]  # "a/2" is no folder name
+
+    loaded = MultiPrefixModel.from_pretrained(llama(), tmp_path / "bank")
+    assert loaded.adapter_names == server.adapter_names
+    assert torch.equal(loaded.merged_prompt_embeddings(), server.merged_prompt_embeddings())
+    ids, mask = padded(B=4, seed=5)
+    index_rows = torch.tensor([0, 2, 1, 0])
+    with torch.no_grad():
+        want = server(input_ids=ids, attention_mask=mask, prefix_index=index_rows).logits
+        got = loaded(input_ids=ids, attention_mask=mask, prefix_index=index_rows).logits
+    assert torch.equal(got, want)
+
+    single = pk.PrefixModel.from_pretrained(llama(), tmp_path / "bank" / "a0")
+    original = pk.PrefixModel.from_pretrained(llama(), dirs["a0"])
+    with torch.no_grad():
+        assert torch.equal(single(input_ids=ids, attention_mask=mask).logits,
+                           original(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="does not train"):
+        MultiPrefixModel.from_pretrained(llama(), tmp_path / "bank", is_trainable=True)
+    with pytest.raises(FileNotFoundError, match="prefix_bank.json"):
+        MultiPrefixModel.from_pretrained(llama(), dirs["a0"])
+
+
+def test_bank_builds_no_prefix_encoder_and_rejects_adapters_of_another_model(tmp_path):
+    dirs = _adapters(tmp_path, n=2)
+    server = MultiPrefixModel.from_pretrained(llama(), dirs)
+    assert server.prefix_encoder is None
+    assert not any("prefix_encoder" in n for n, _ in server.named_parameters())
+    other = pk.get_prefix_model(bert("seq"), pk.PrefixTuningConfig(num_virtual_tokens=3))
+    other.save_pretrained(tmp_path / "bert")
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match="does not fit this model"):
+        MultiPrefixModel.from_pretrained(model, {"a0": dirs["a0"], "bert": tmp_path / "bert"})
+    assert model.config._attn_implementation == attn

@@ -16,8 +16,7 @@ the first step and the cache carries them; they are never re-inserted at later s
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +25,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .trainable import TrainableParameters
+from . import adapter_io
+from .adapter_io import ADAPTER_WEIGHTS, PTUNING_CONFIG, PTUNING_ENCODER
+from .config import DictConfig
+from .pooling import last_real_token
+from .trainable import (TrainableParameters, freeze, requires_grad_flags, restore_requires_grad,
+                        set_trainable)
 
 REPARAMETERIZATIONS = ("lstm", "mlp", "none")
-CONFIG_FILE = "ptuning_config.json"
-ENCODER_FILE = "prompt_encoder.safetensors"
-EMBEDDINGS_FILE = "adapter_model.safetensors"
 _PIECE = re.compile(r"(\{[A-Za-z_][A-Za-z0-9_]*\}|\[P\]|\[MASK\])")
 
 
 @dataclass
-class PTuningConfig:
+class PTuningConfig(DictConfig):
     """P-Tuning v1.
 
     Args:
@@ -82,14 +83,6 @@ class PTuningConfig:
     @property
     def fields(self) -> list[str]:
         return re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.template)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PTuningConfig":
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class PromptEncoder(nn.Module):
@@ -151,8 +144,7 @@ class PTuningModel(TrainableParameters):
             idx = torch.randint(0, emb.weight.shape[0], (config.num_virtual_tokens,),
                                 generator=torch.Generator().manual_seed(0))
             self.prompt_encoder.embedding.weight.copy_(emb.weight[idx.to(emb.weight.device)])
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze(model)
         self.label_word_ids = None
         if config.verbalizer is not None:
             ids = []
@@ -259,13 +251,14 @@ class PTuningModel(TrainableParameters):
             examples = [examples]
         targets = [None] * len(examples) if targets is None else list(targets)
         rows = [self._encode_one(e, t) for e, t in zip(examples, targets)]
-        T = max(len(r[0]) for r in rows)
+        width = max(len(r[0]) for r in rows)
         side = padding_side or ("right" if self.is_mlm else "left")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._placeholder
         out = {k: [] for k in ("input_ids", "attention_mask", "virtual_mask", "labels", "mask_index")}
         for ids, virt, mask_at, labels in rows:
-            n = T - len(ids)
-            fill = lambda xs, v: (xs + [v] * n) if side == "right" else ([v] * n + xs)  # noqa: E731
+            n = width - len(ids)
+            def fill(xs, v, n=n):
+                return (xs + [v] * n) if side == "right" else ([v] * n + xs)
             out["input_ids"].append(fill(ids, pad))
             out["attention_mask"].append(fill([1] * len(ids), 0))
             out["virtual_mask"].append(fill(virt, False))
@@ -305,12 +298,7 @@ class PTuningModel(TrainableParameters):
             attention_mask = torch.ones_like(input_ids)
         logits = self.forward(input_ids, virtual_mask, attention_mask=attention_mask).logits
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if self.is_mlm:
-            pos = mask_index
-        else:
-            T = attention_mask.shape[1]
-            ar = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-            pos = torch.where(attention_mask.bool(), ar, torch.full_like(ar, -1)).max(-1).values
+        pos = mask_index if self.is_mlm else last_real_token(attention_mask)
         scores = logits[rows, pos][:, self.label_word_ids.to(logits.device)]
         loss = None if labels is None else F.cross_entropy(scores.float(), labels)
         return loss, scores
@@ -332,69 +320,71 @@ class PTuningModel(TrainableParameters):
         with torch.no_grad():
             return self.prompt_encoder().detach().float().cpu().contiguous()
 
-    def save_pretrained(self, save_directory, *, training_state: bool = True) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
         """`ptuning_config.json`, `adapter_model.safetensors` (`prompt_embeddings [P, d]`, the encoder's output)
         and, with `training_state`, `prompt_encoder.safetensors` (the full encoder, to resume training)."""
-        from safetensors.torch import save_file
-
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = self.ptuning_config.to_dict()
         if not training_state:
             cfg["encoder_reparameterization_type"] = "none"
-        with open(d / CONFIG_FILE, "w") as f:
-            json.dump({"config": cfg, "token_dim": self.prompt_encoder.token_dim,
-                       "training_state": training_state}, f, indent=2)
-        save_file({"prompt_embeddings": self.prompt_embeddings()}, str(d / EMBEDDINGS_FILE))
+        adapter_io.write_json(d / PTUNING_CONFIG, {"config": cfg, "token_dim": self.prompt_encoder.token_dim,
+                                                   "training_state": training_state})
+        adapter_io.write_safetensors(d / ADAPTER_WEIGHTS, {"prompt_embeddings": self.prompt_embeddings()})
         if training_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.prompt_encoder.state_dict().items()},
-                      str(d / ENCODER_FILE))
-        elif (d / ENCODER_FILE).exists():
-            (d / ENCODER_FILE).unlink()
+            adapter_io.write_safetensors(d / PTUNING_ENCODER, self.prompt_encoder.state_dict())
+        elif (d / PTUNING_ENCODER).exists():
+            (d / PTUNING_ENCODER).unlink()
 
-    def export_merged(self, save_directory) -> None:
+    def export_merged(self, save_directory: str | os.PathLike) -> None:
         """Save the final embeddings only (the LSTM/MLP dropped); loads with reparameterization "none"."""
         self.save_pretrained(save_directory, training_state=False)
 
     @classmethod
-    def from_pretrained(cls, model, tokenizer, adapter_dir, *, is_trainable: bool = False) -> "PTuningModel":
+    def from_pretrained(cls, model: nn.Module, tokenizer, adapter_dir: str | os.PathLike, *,
+                        is_trainable: bool = False) -> "PTuningModel":
         """Loads an adapter saved by `save_pretrained`. Files are read and checked before the model is touched;
         if loading still fails, the model's `requires_grad` flags are restored (nothing is half-loaded)."""
-        from .transformers.adapter import _read_json, _read_safetensors
-
-        d = Path(adapter_dir)
-        meta = _read_json(d / CONFIG_FILE)
-        try:
-            config = PTuningConfig.from_dict(meta["config"])
-            saved_dim = int(meta["token_dim"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"adapter file {d / CONFIG_FILE} is missing or has an invalid field: {exc}") from None
-        token_dim = model.get_input_embeddings().weight.shape[1]
-        if saved_dim != token_dim:
-            raise ValueError(f"adapter does not fit this model: token_dim expected {token_dim}, got {saved_dim}")
-        has_encoder = (d / ENCODER_FILE).is_file()
-        tensors = _read_safetensors(d / (ENCODER_FILE if has_encoder else EMBEDDINGS_FILE))
-        if not has_encoder:
-            config.encoder_reparameterization_type = "none"
-            if "prompt_embeddings" not in tensors:
-                raise ValueError(f"adapter file {d / EMBEDDINGS_FILE} has no tensor 'prompt_embeddings'")
-        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        config, tensors = _read_ptuning_adapter(Path(adapter_dir), model)
+        flags = requires_grad_flags(model)
         try:
             pm = cls(model, tokenizer, config)
+            expected = {k: tuple(v.shape) for k, v in pm.prompt_encoder.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in tensors.items()}
+            if expected != got:
+                raise ValueError(f"adapter {adapter_dir} does not fit this model: prompt encoder tensors expected "
+                                 f"{expected}, got {got}")
             with torch.no_grad():
-                if has_encoder:
-                    pm.prompt_encoder.load_state_dict(tensors)
-                else:
-                    emb = tensors["prompt_embeddings"]
-                    expected = tuple(pm.prompt_encoder.embedding.weight.shape)
-                    if tuple(emb.shape) != expected:
-                        raise ValueError(f"prompt_embeddings must have shape {expected}, got {tuple(emb.shape)}")
-                    pm.prompt_encoder.embedding.weight.copy_(emb)
+                pm.prompt_encoder.load_state_dict(tensors)
         except Exception:
-            for n, p in model.named_parameters():
-                p.requires_grad_(requires_grad[n])
+            restore_requires_grad(model, flags)
             raise
-        for p in pm.prompt_encoder.parameters():
-            p.requires_grad_(is_trainable)
+        set_trainable(pm.prompt_encoder, is_trainable)
         return pm
 
+
+def _read_ptuning_adapter(d: Path, model: nn.Module) -> tuple[PTuningConfig, dict[str, torch.Tensor]]:
+    """The config and prompt-encoder state of a P-Tuning v1 adapter, checked against the model's embedding
+    size: the full encoder when saved with the training state, else the final embeddings as the table of an
+    unparameterized encoder."""
+    meta = adapter_io.read_json(d / PTUNING_CONFIG)
+    try:
+        config = PTuningConfig.from_dict(meta["config"])
+        saved_dim = int(meta["token_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"adapter file {d / PTUNING_CONFIG} is missing or has an invalid field: {exc}") from None
+    token_dim = model.get_input_embeddings().weight.shape[1]
+    if saved_dim != token_dim:
+        raise ValueError(f"adapter does not fit this model: token_dim expected {token_dim}, got {saved_dim}")
+    if (d / PTUNING_ENCODER).is_file():
+        return config, adapter_io.read_safetensors(d / PTUNING_ENCODER)
+    config.encoder_reparameterization_type = "none"
+    tensors = adapter_io.read_safetensors(d / ADAPTER_WEIGHTS)
+    if "prompt_embeddings" not in tensors:
+        raise ValueError(f"adapter file {d / ADAPTER_WEIGHTS} has no tensor 'prompt_embeddings'")
+    embeddings = tensors["prompt_embeddings"]
+    expected = (config.num_virtual_tokens, token_dim)
+    if tuple(embeddings.shape) != expected:
+        raise ValueError(f"adapter file {d / ADAPTER_WEIGHTS}: prompt_embeddings must have shape {expected} "
+                         f"([P, token_dim]), got {tuple(embeddings.shape)}")
+    return config, {"embedding.weight": embeddings}

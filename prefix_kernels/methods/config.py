@@ -12,11 +12,28 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..ops.backends import BACKENDS
+
 INITS = ("random", "zero")
 
 
+class DictConfig:
+    """The dict form of a dataclass config, as saved in adapter files. `from_dict` ignores keys that are not
+    fields of the class (such as `config_class`), so that files written by other versions still load."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["config_class"] = type(self).__name__
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(DictConfig):
     """Prefix Tuning.
 
     Args:
@@ -26,8 +43,8 @@ class PrefixTuningConfig:
         encoder_hidden_size: hidden size of that MLP (default: Hkv * D, PEFT's `token_dim`).
         init: "random" (N(0, 1), PEFT's default) or "zero" (zero prefix, or zero last MLP layer; PEFT's
             `init_weights="zero"`).
-        position_offset: real tokens sit at positions P .. P+T-1 (PEFT and the P-Tuning v2 code do this, so
-            their checkpoints give identical outputs); False puts them at 0 .. T-1.
+        position_offset: the n real tokens of a row sit at positions P .. P+n-1 (PEFT and the P-Tuning v2 code
+            do this, so their checkpoints give identical outputs); False puts them at 0 .. n-1.
         prefix_dropout: dropout on the prefix keys and values in training.
         modules_to_save: names of base-model modules kept trainable (e.g. a classification head). None: the
             task head of classification / QA models ("classifier", "score", "classification_head",
@@ -75,21 +92,8 @@ class PrefixTuningConfig:
             isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise TypeError(f"modules_to_save must be a list of module names or None, got {self.modules_to_save!r}")
-        if self.backend is not None:
-            from .ops.dispatch import BACKENDS
-
-            if self.backend not in BACKENDS:
-                raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["config_class"] = type(self).__name__
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PrefixTuningConfig":
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
 
 
 @dataclass

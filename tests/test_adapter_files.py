@@ -1,6 +1,6 @@
-"""Safe adapter files (issue 7): only safetensors and JSON are read (never pickle); a truncated or corrupted
-file, a wrong shape or dtype, or a config for another model gives a clear error and leaves the model exactly
-as it was (nothing half-loaded); two models with different prefixes in one process do not interfere."""
+"""Adapter files: only safetensors and JSON are read (never pickle); a truncated or corrupted file, a wrong
+shape or dtype, or a config for another model gives a clear error and leaves the model exactly as it was
+(nothing half-loaded); two models with different prefixes in one process do not interfere."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import prefix_kernels as pk
-from prefix_kernels.transformers import adapter
+from prefix_kernels.methods import adapter_io
 from tiny_models import bert, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -203,17 +203,17 @@ def test_failure_while_applying_rolls_everything_back(saved, monkeypatch):
         def to(self, *args, **kwargs):
             raise RuntimeError("simulated failure while copying a head tensor")
 
-    original = adapter._read_safetensors
+    original = adapter_io.read_safetensors
 
     def flaky(path):
         tensors = original(path)
-        if path.name == adapter.OUR_STATE:
+        if path.name == adapter_io.PREFIX_KERNELS_STATE:
             heads = [k for k in tensors if k.startswith("base_model.")]
             assert len(heads) == 2
             tensors[heads[-1]] = tensors[heads[-1]].as_subclass(Boom)
         return tensors
 
-    monkeypatch.setattr(adapter, "_read_safetensors", flaky)
+    monkeypatch.setattr(adapter_io, "read_safetensors", flaky)
     model = bert()
     snap = Snapshot(model)
     with pytest.raises(RuntimeError, match="simulated failure"):

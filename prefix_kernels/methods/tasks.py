@@ -19,7 +19,7 @@ heads train; the backbone is frozen.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +27,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import adapter_io
 from .config import PrefixTuningConfig
-from .trainable import TrainableParameters
+from .pooling import last_real_token
+from .prefix_model import PrefixModel, get_prefix_model
+from .trainable import TrainableParameters, model_device, set_trainable
 
 TASK_KINDS = ("seq", "tok")
 POOLINGS = ("auto", "cls", "pooler", "mean", "last")
-HEADS_FILE = "task_heads.safetensors"
-TASKS_CONFIG = "task_config.json"
 
 
 @dataclass
 class TaskOutput:
     """`loss` (mean over the rows of all tasks, each task's rows weighted by their count), `logits` (a tensor
-    when the batch holds one task: `[B, C]` or `[B, T, C]`; else a dict task name -> logits of its rows) and
+    when the batch holds one task: `[B, C]` or `[B, S, C]`; else a dict task name -> logits of its rows) and
     `rows` (task name -> indices of its rows in the batch)."""
 
     loss: torch.Tensor | None
@@ -67,7 +68,8 @@ class PrefixTaskModel(TrainableParameters):
     """Frozen backbone + shared fused prefix + one head per task (P-Tuning v2).
 
     Args:
-        backbone: a transformers base model (hidden states out, no head).
+        backbone: a transformers base model (hidden states out, no head), or a `PrefixModel` already wrapping
+            one (used as is; `config` is then None).
         config: `PTuningV2Config` (or `PrefixTuningConfig`); `modules_to_save` is ignored (heads live here).
         tasks: `{name: num_labels}` (sequence classification) or `{name: ("seq" | "tok", num_labels)}`;
             an int means one sequence-classification task named "default".
@@ -75,31 +77,35 @@ class PrefixTaskModel(TrainableParameters):
         classifier_dropout: dropout before the heads (default: the backbone's `hidden_dropout_prob` or 0.1).
     """
 
-    def __init__(self, backbone: nn.Module, config: PrefixTuningConfig, tasks, *, pooling: str = "auto",
+    def __init__(self, backbone: nn.Module, config: PrefixTuningConfig | None, tasks, *, pooling: str = "auto",
                  classifier_dropout: float | None = None):
         super().__init__()
-        from .transformers import get_prefix_model
-
         self.tasks = _normalize_tasks(tasks)
+        self.task_names = list(self.tasks)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        hidden = getattr(backbone.config, "hidden_size", None) or getattr(backbone.config, "d_model", None)
+        base = backbone.base_model if isinstance(backbone, PrefixModel) else backbone
+        hidden = getattr(base.config, "hidden_size", None) or getattr(base.config, "d_model", None)
         if hidden is None:
-            raise ValueError(f"cannot read hidden_size from {type(backbone.config).__name__}")
-        if config.modules_to_save != []:
-            config = type(config).from_dict({**config.to_dict(), "modules_to_save": []})
-        self.prefix_model = get_prefix_model(backbone, config)
+            raise ValueError(f"cannot read hidden_size from {type(base.config).__name__}")
+        if isinstance(backbone, PrefixModel):
+            if config is not None:
+                raise TypeError("config must be None when the backbone is already a PrefixModel (it has its config)")
+            self.prefix_model = backbone
+        else:
+            if isinstance(config, PrefixTuningConfig) and config.modules_to_save != []:
+                config = type(config).from_dict({**config.to_dict(), "modules_to_save": []})
+            self.prefix_model = get_prefix_model(backbone, config)
         causal = any(bool(getattr(m, "is_causal", False)) for _, m in self.prefix_model.layout.attention_modules)
         self.pooling = ("last" if causal else "cls") if pooling == "auto" else pooling
         if classifier_dropout is None:
-            classifier_dropout = getattr(backbone.config, "classifier_dropout", None)
+            classifier_dropout = getattr(base.config, "classifier_dropout", None)
         if classifier_dropout is None:
-            classifier_dropout = getattr(backbone.config, "hidden_dropout_prob", 0.1)
+            classifier_dropout = getattr(base.config, "hidden_dropout_prob", 0.1)
         self.classifier_dropout = float(classifier_dropout)
         self.dropout = nn.Dropout(self.classifier_dropout)
-        dev = next(backbone.parameters()).device
-        self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, (_, n) in self.tasks.items()}).to(dev)
-        self.task_names = list(self.tasks)
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, (_, n) in self.tasks.items()})
+        self.heads.to(model_device(base))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -118,11 +124,7 @@ class PrefixTaskModel(TrainableParameters):
         m = mask.to(h.dtype).unsqueeze(-1)
         if self.pooling == "mean":
             return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        # "last": position of the last real token (works for left and right padding)
-        T = mask.shape[1]
-        pos = torch.arange(T, device=mask.device).expand_as(mask)
-        last = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp(min=0)
-        return h[torch.arange(h.shape[0], device=h.device), last]
+        return h[torch.arange(h.shape[0], device=h.device), last_real_token(mask)]  # "last"
 
     def _task_rows(self, task, task_ids, B: int, device) -> dict[str, torch.Tensor]:
         if task_ids is None:
@@ -150,9 +152,9 @@ class PrefixTaskModel(TrainableParameters):
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, task: str | None = None,
                 task_ids=None, **kwargs) -> TaskOutput:
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        B, T = ref.shape[:2]
+        B, seq_len = ref.shape[:2]
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=ref.device)
+            attention_mask = torch.ones(B, seq_len, dtype=torch.long, device=ref.device)
         out = self.prefix_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         rows = self._task_rows(task, task_ids, B, ref.device)
         hidden = out.last_hidden_state
@@ -188,42 +190,34 @@ class PrefixTaskModel(TrainableParameters):
 
     # ------------------------------------------------------------------ parameters, save/load
 
-    def save_pretrained(self, save_directory, *, training_state: bool = True) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
         """The prefix in PEFT's format (see `PrefixModel.save_pretrained`) + `task_heads.safetensors` +
         `task_config.json` (tasks, pooling, dropout)."""
-        from safetensors.torch import save_file
-
         d = Path(save_directory)
         self.prefix_model.save_pretrained(d, training_state=training_state)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()},
-                  str(d / HEADS_FILE))
-        with open(d / TASKS_CONFIG, "w") as f:
-            json.dump({"tasks": {k: list(v) for k, v in self.tasks.items()}, "pooling": self.pooling,
-                       "classifier_dropout": self.classifier_dropout}, f, indent=2)
+        adapter_io.write_safetensors(d / adapter_io.TASK_HEADS, self.heads.state_dict())
+        adapter_io.write_json(d / adapter_io.TASK_CONFIG, {
+            "tasks": {k: list(v) for k, v in self.tasks.items()}, "pooling": self.pooling,
+            "classifier_dropout": self.classifier_dropout})
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, adapter_dir, *, is_trainable: bool = False,
+    def from_pretrained(cls, backbone: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False,
                         backend: str | None = None) -> "PrefixTaskModel":
-        from safetensors.torch import load_file
-
-        from .transformers import PrefixModel
-
+        """Load a task model saved by `save_pretrained` onto `backbone`. The files are read first; if building
+        the model still fails, the backbone is unwrapped again."""
         d = Path(adapter_dir)
-        with open(d / TASKS_CONFIG) as f:
-            tc = json.load(f)
-        pm = PrefixModel.from_pretrained(backbone, d, is_trainable=is_trainable, backend=backend)
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.tasks = {k: (v[0], int(v[1])) for k, v in tc["tasks"].items()}
-        self.task_names = list(self.tasks)
-        self.prefix_model = pm
-        self.pooling = tc["pooling"]
-        self.classifier_dropout = float(tc["classifier_dropout"])
-        self.dropout = nn.Dropout(self.classifier_dropout)
-        hidden = getattr(backbone.config, "hidden_size", None) or getattr(backbone.config, "d_model", None)
-        dev = next(backbone.parameters()).device
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, (_, n) in self.tasks.items()}).to(dev)
-        self.heads.load_state_dict(load_file(str(d / HEADS_FILE)))
-        for p in self.heads.parameters():
-            p.requires_grad_(is_trainable)
-        return self
+        spec = adapter_io.read_json(d / adapter_io.TASK_CONFIG)
+        missing = [k for k in ("tasks", "pooling", "classifier_dropout") if k not in spec]
+        if missing:
+            raise ValueError(f"adapter file {d / adapter_io.TASK_CONFIG} is missing the fields {missing}")
+        head_state = adapter_io.read_safetensors(d / adapter_io.TASK_HEADS)
+        prefix_model = PrefixModel.from_pretrained(backbone, d, is_trainable=is_trainable, backend=backend)
+        try:
+            model = cls(prefix_model, None, spec["tasks"], pooling=spec["pooling"],
+                        classifier_dropout=float(spec["classifier_dropout"]))
+            model.heads.load_state_dict(head_state)
+        except BaseException:
+            prefix_model.unload()
+            raise
+        set_trainable(model.heads, is_trainable)
+        return model

@@ -3,7 +3,7 @@
 A prefix encoder holds the learned prefix for every attention layer of a model and produces, once per
 forward step (never once per batch row), the keys and values `[Hkv, P, D]` of each layer. Its parameters
 are named as in PEFT's `PrefixEncoder` (`embedding`, `transform.0`, `transform.2`) and its flat output
-`[P, L * 2 * Hkv * D]` has PEFT's column order `((layer * 2 + {0: K, 1: V}) * Hkv + head) * D + d`, so that
+`[P, layers * 2 * Hkv * D]` has PEFT's column order `((layer * 2 + {0: K, 1: V}) * Hkv + head) * D + d`, so that
 a PEFT adapter's `prompt_embeddings` loads as is.
 """
 
@@ -14,10 +14,10 @@ from torch import nn
 
 
 class PrefixEncoder(nn.Module):
-    """Embedding(P, L*2*Hkv*D), or Embedding(P, Hkv*D) -> Linear -> Tanh -> Linear(L*2*Hkv*D) when
+    """Embedding(P, layers*2*Hkv*D), or Embedding(P, Hkv*D) -> Linear -> Tanh -> Linear(layers*2*Hkv*D) when
     `projection` (the reparameterization of the Prefix Tuning paper).
 
-    `forward()` takes no input and returns `[L, 2, Hkv, P, D]` (keys at index 0, values at 1), contiguous, so
+    `forward()` takes no input and returns `[layers, 2, Hkv, P, D]` (keys at index 0, values at 1), contiguous, so
     that `out[layer, 0]` is that layer's `[Hkv, P, D]` prefix keys.
     """
 
@@ -58,18 +58,18 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """The flat prefix `[P, L * 2 * Hkv * D]` (PEFT's `prompt_embeddings`), MLP applied, no dropout."""
+        """The flat prefix `[P, layers * 2 * Hkv * D]` (PEFT's `prompt_embeddings`), MLP applied, no dropout."""
         weight = self.embedding.weight
         return self.transform(weight) if self.prefix_projection else weight
 
     def forward(self) -> torch.Tensor:
         flat = self.dropout(self.prompt_embeddings())
-        P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
-        return flat.view(P, L, 2, H, D).permute(1, 2, 3, 0, 4).contiguous()
+        P, layers, Hkv, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
+        return flat.view(P, layers, 2, Hkv, D).permute(1, 2, 3, 0, 4).contiguous()
 
     @torch.no_grad()
     def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
-        """Load a flat `[P, L * 2 * Hkv * D]` prefix (only without projection: an MLP cannot be inverted)."""
+        """Load a flat `[P, layers * 2 * Hkv * D]` prefix (only without projection: an MLP cannot be inverted)."""
         if self.prefix_projection:
             raise ValueError("cannot load flat prompt_embeddings into a prefix encoder with prefix_projection=True")
         expected = tuple(self.embedding.weight.shape)

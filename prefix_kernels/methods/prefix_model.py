@@ -1,0 +1,443 @@
+"""`PrefixModel` / `get_prefix_model`: wrap a transformers model so that it trains a prefix with the fused op.
+
+The wrapper freezes the base model, attaches a `PrefixEncoder`, switches the model's attention to the
+"prefix_kernels" attention function (`prefix_kernels.transformers`) and hooks the model's entry points (its
+forward, and for encoder-decoders its encoder, which `generate` calls directly):
+
+- a forward pre-hook runs the prefix encoder once per step and keeps its output `[layers, 2, Hkv, P, D]` in
+  this model's `PrefixState` (each attention module holds a `LayerBinding` to the state and its slot, so two
+  wrapped models never share anything); the state stays until the next step, so gradient checkpointing
+  recomputes with the same prefix;
+- the same hook shifts the positions of real tokens by P (`position_offset=True`, what PEFT and the P-Tuning
+  v2 code do) and derives them from the attention mask, so that left padding gives the same results as no
+  padding. The prefix never enters the KV cache: the cache holds real tokens only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+
+import torch
+from torch import nn
+
+from ..ops import Backend, resolve_backend
+from ..ops.backends import unavailable_reason
+from ..transformers.attention import ATTN_IMPLEMENTATION, LayerBinding
+from ..transformers.families import ModelLayout, default_heads, detect, task_type_of
+from . import adapter_io
+from .config import PrefixTuningConfig
+from .encoders import PrefixEncoder
+from .trainable import (TrainableParameters, freeze, model_device, requires_grad_flags, restore_requires_grad,
+                        set_trainable)
+
+
+class PrefixState:
+    """What the "prefix_kernels" attention function reads through a module's `LayerBinding(state, slot)`.
+
+    - `layer_prefix(slot, dtype)`: that layer's prefix keys and values `[Hkv, P, D]` for the current step, in
+      `dtype`. The step's prefix `[layers, 2, Hkv, P, D]` is cast once per (step, dtype), not once per layer.
+    - `prefix_index`: None here (every row reads the one prefix); see `BankState`.
+    - `backend_for(device)`: the op's `Backend` record, resolved once per device for the model's lifetime.
+
+    `enter`/`exit` bracket a model call (calls nest: an encoder-decoder's encoder inside its forward); the
+    prefix encoder runs on the outermost `enter`.
+    """
+
+    def __init__(self, encoder: nn.Module | None, backend_name: str | None):
+        self.encoder = encoder
+        self.backend_name = backend_name
+        self.prefix_index: torch.Tensor | None = None
+        self.depth = 0
+        self._kv: torch.Tensor | None = None
+        self._kv_by_dtype: dict[torch.dtype, torch.Tensor] = {}
+        self._backends: dict[torch.device, Backend] = {}
+
+    def set_kv(self, kv: torch.Tensor | None) -> None:
+        """The prefix of every layer, `[layers, 2, ...]`, for the steps to come (None: none)."""
+        self._kv = kv
+        self._kv_by_dtype = {}
+
+    def enter(self) -> None:
+        if self.depth == 0:
+            self.begin_step()
+        self.depth += 1
+
+    def exit(self) -> None:
+        self.depth = max(0, self.depth - 1)
+
+    def begin_step(self) -> None:
+        self.set_kv(self.encoder())
+
+    def layer_prefix(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self._kv_by_dtype.get(dtype)
+        if kv is None:
+            if self._kv is None:
+                raise RuntimeError("the prefix has not been computed for this step: call the model through its "
+                                   "PrefixModel (forward/generate), not a submodule")
+            kv = self._kv_by_dtype[dtype] = self._kv.to(dtype)
+        return kv[slot, 0], kv[slot, 1]
+
+    def backend_for(self, device: torch.device) -> Backend:
+        record = self._backends.get(device)
+        if record is None:
+            record = self._backends[device] = resolve_backend(self.backend_name, device)
+        return record
+
+
+def refuse_static_cache(cache) -> None:
+    """The fused op reads the real tokens' keys as they are, S of them; a static cache holds max_length slots
+    whose unused tail only a dense mask could hide."""
+    if cache is None:
+        return
+    parts = [cache, getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None)]
+    kinds = {type(p).__name__ for p in parts if p is not None}
+    kinds |= {type(layer).__name__ for p in parts for layer in (getattr(p, "layers", None) or [])}
+    static = sorted(k for k in kinds if "Static" in k)
+    if static:
+        raise NotImplementedError(f"prefix_kernels supports dynamic caches only (the default), got {static[0]}: "
+                                  "a static cache keeps unused key slots that only a dense mask could hide")
+
+
+def refuse_static_cache_generation(model: nn.Module, kwargs: dict) -> None:
+    """`generate` builds its cache from `cache_implementation`: only the default dynamic cache is supported."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if implementation not in (None, "dynamic"):
+        raise NotImplementedError(f"prefix_kernels supports dynamic caches only (the default), got "
+                                  f"cache_implementation={implementation!r}")
+    refuse_static_cache(kwargs.get("past_key_values"))
+
+
+def validate_positions(layout: ModelLayout, num_virtual_tokens: int, position_offset: bool) -> None:
+    """Can this model's real tokens be shifted by P positions (`position_offset`)?"""
+    if not position_offset:
+        return
+    if layout.position_style == "none" and (layout.rope or layout.max_positions):
+        raise ValueError(f"position_offset=True needs to shift the positions of real tokens by P, but "
+                         f"{layout.model_type} takes no position_ids; use position_offset=False")
+    if layout.max_positions is not None and num_virtual_tokens >= layout.max_positions:
+        raise ValueError(f"num_virtual_tokens must be below the model's {layout.max_positions} absolute positions "
+                         f"with position_offset=True (real tokens start at position P), got "
+                         f"{num_virtual_tokens}")
+
+
+def _resolve_heads(model: nn.Module, config: PrefixTuningConfig) -> list[str]:
+    names = default_heads(model) if config.modules_to_save is None else list(config.modules_to_save)
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"modules_to_save names {name!r}, which is not a submodule of "
+                             f"{type(model).__name__}") from None
+    return names
+
+
+def check_model(model: nn.Module, config: PrefixTuningConfig,
+                layout: ModelLayout | None = None) -> tuple[ModelLayout, list[str]]:
+    """Everything that can make wrapping fail, checked before the model is touched: the layout of the model,
+    its positions, the heads to train and the backend. Returns the layout and the head names."""
+    if not isinstance(config, PrefixTuningConfig):
+        raise TypeError(f"config must be a PrefixTuningConfig or PTuningV2Config, got {type(config).__name__}")
+    config.validate()
+    if getattr(model, "_prefix_kernels_model", None) is not None:
+        raise ValueError(f"{type(model).__name__} is already wrapped by a PrefixModel; unload() it first")
+    layout = layout or detect(model)
+    validate_positions(layout, config.num_virtual_tokens, config.position_offset)
+    heads = _resolve_heads(model, config)
+    if config.backend is not None:
+        reason = unavailable_reason(config.backend, model_device(model))
+        if reason is not None:
+            raise ValueError(f"backend {config.backend!r} cannot run this model: {reason}")
+    return layout, heads
+
+
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Copy `{qualified parameter or buffer name: tensor}` into the model's own tensors."""
+    for name, value in tensors.items():
+        module_name, _, leaf = name.rpartition(".")
+        getattr(model.get_submodule(module_name), leaf).copy_(value.to(device))
+
+
+class PrefixModel(TrainableParameters):
+    """A transformers model with a trainable prefix on every attention layer, computed by the fused op.
+
+    Use `prefix_kernels.get_prefix_model(model, config)` to build one and `PrefixModel.from_pretrained(model,
+    adapter_dir)` to load a saved adapter. It keeps the model's API (`forward`, `generate`, `config`, ...:
+    attributes it does not define are the base model's) and adds `save_pretrained`, `export_merged`,
+    `print_trainable_parameters` and `unload` (which restores the original attention and returns the model).
+    """
+
+    def __init__(self, model: nn.Module, config: PrefixTuningConfig, *, layout: ModelLayout | None = None):
+        super().__init__()
+        layout, heads = check_model(model, config, layout)
+        self.base_model = model
+        self.prefix_config = config
+        self.layout = layout
+        self.heads = heads
+        self._state = self._build_prefix()
+        self._patch()
+        # Expose the base model's forward signature (the HF Trainer reads it to choose the input columns).
+        self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
+
+    def _build_prefix(self) -> PrefixState:
+        """The source of this model's prefix: a trainable encoder run once per step."""
+        config, layout = self.prefix_config, self.layout
+        self.prefix_encoder = PrefixEncoder(
+            config.num_virtual_tokens, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+            projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
+            init=config.init, dropout=config.prefix_dropout,
+        ).to(model_device(self.base_model))
+        return PrefixState(self.prefix_encoder, config.backend)
+
+    # ------------------------------------------------------------------ patching
+    def _patch(self) -> None:
+        model = self.base_model
+        self._requires_grad = requires_grad_flags(model)
+        freeze(model)
+        set_trainable([model.get_submodule(name) for name in self.heads], True)
+        self._original_attn = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        for slot, (_, module) in enumerate(self.layout.attention_modules):
+            module._prefix_kernels = LayerBinding(self._state, slot)
+        self._signature = inspect.signature(model.forward)
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, always_call=True),
+        ]
+        encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+        if encoder is not None and encoder is not model:
+            self._hooks += [
+                encoder.register_forward_pre_hook(self._pre_encoder, with_kwargs=True),
+                encoder.register_forward_hook(self._post_forward, always_call=True),
+            ]
+        if self.prefix_config.position_offset and self.layout.position_style == "embed_positions":
+            for module in self.layout.position_modules:
+                self._hooks.append(module.register_forward_pre_hook(self._shift_embed_positions, with_kwargs=True))
+        model._prefix_kernels_model = True
+
+    def unload(self) -> nn.Module:
+        """Undo the patch: original attention, no hooks, original `requires_grad`; returns the base model."""
+        model = self.base_model
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for _, module in self.layout.attention_modules:
+            if hasattr(module, "_prefix_kernels"):
+                del module._prefix_kernels
+        model.set_attn_implementation(self._original_attn)
+        restore_requires_grad(model, self._requires_grad)
+        if hasattr(model, "_prefix_kernels_model"):
+            del model._prefix_kernels_model
+        self._state.set_kv(None)
+        return model
+
+    # ------------------------------------------------------------------ hooks
+    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        if not args:
+            return dict(kwargs)
+        names = [p.name for p in self._signature.parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self.base_model).__name__}.forward got {len(args)} positional arguments")
+        out = dict(zip(names, args))
+        out.update(kwargs)
+        return out
+
+    def _pre_forward(self, module, args, kwargs):
+        named = self._as_kwargs(args, kwargs)
+        self._check_mask_batch(named)
+        refuse_static_cache(named.get("past_key_values"))
+        if self.layout.position_style in ("position_ids", "roberta"):
+            kwargs = self._as_kwargs(args, kwargs)
+            args = ()
+            positions = self._positions(kwargs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        self._state.enter()
+        return args, kwargs
+
+    @staticmethod
+    def _check_mask_batch(kw: dict) -> None:
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        mask = kw.get("attention_mask")
+        if ref is not None and isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[0] != ref.shape[0]:
+            raise ValueError(f"attention_mask must have one row per sequence: expected batch {ref.shape[0]}, "
+                             f"got attention_mask of shape {tuple(mask.shape)}")
+
+    def _pre_encoder(self, module, args, kwargs):
+        self._state.enter()
+        return args, kwargs
+
+    def _post_forward(self, module, args, output):
+        self._state.exit()
+        return output
+
+    # ------------------------------------------------------------------ positions of real tokens
+    @property
+    def _offset(self) -> int:
+        return self.prefix_config.num_virtual_tokens if self.prefix_config.position_offset else 0
+
+    def _positions(self, kw: dict) -> torch.Tensor | None:
+        """The position_ids of this call's tokens: the caller's, or the model's own numbering (from the
+        attention mask when it covers the cache and the new tokens), real tokens shifted by the offset."""
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            return None
+        seq_len = ref.shape[1]
+        if kw.get("position_ids") is not None:
+            positions = kw["position_ids"] + self._offset
+        else:
+            cache = kw.get("cache", kw.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            mask = kw.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == past + seq_len:
+                positions = self._positions_from_mask(mask.to(torch.bool))[:, -seq_len:]
+            elif self.layout.position_style == "roberta" and ids is not None and past == 0:
+                positions = self._positions_from_mask(ids.ne(self.layout.padding_idx))
+            else:
+                positions = self._positions_in_order(past, seq_len, ref.device)
+        self._check_positions(positions, seq_len)
+        return positions
+
+    def _positions_from_mask(self, real: torch.Tensor) -> torch.Tensor:
+        """Real tokens numbered in order whatever the padding (RoBERTa: from padding_idx + 1, padding at
+        padding_idx), then shifted by the offset."""
+        count = real.long().cumsum(-1)
+        if self.layout.position_style == "roberta":
+            pad = self.layout.padding_idx
+            return torch.where(real, count + pad + self._offset, torch.full_like(count, pad))
+        return (count - 1).clamp(min=0) + self._offset
+
+    def _positions_in_order(self, past: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(past, past + seq_len, device=device).unsqueeze(0) + self._offset
+        if self.layout.position_style == "roberta":
+            positions = positions + self.layout.padding_idx + 1
+        return positions
+
+    def _check_positions(self, positions: torch.Tensor, seq_len: int) -> None:
+        limit = self.layout.max_positions
+        if limit is None or positions.numel() == 0:
+            return
+        top = int(positions.max())
+        if self.layout.position_style == "roberta":
+            top = top - self.layout.padding_idx - 1
+        if top >= limit:
+            P = self.prefix_config.num_virtual_tokens
+            raise ValueError(
+                f"{self.layout.model_type} has {limit} absolute positions, but this input needs position {top} "
+                f"(P={P} virtual tokens{' before the tokens' if self.prefix_config.position_offset else ''}, "
+                f"{seq_len} tokens): shorten the input to at most {limit - self._offset} tokens or use fewer "
+                f"virtual tokens")
+
+    def _shift_embed_positions(self, module, args, kwargs):
+        # BART-style learned positions: forward(input_ids, cache_length=0, position_ids=None), position_ids 1D.
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        cache_length = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            seq_len = input_ids.shape[1]
+            position_ids = torch.arange(cache_length, cache_length + seq_len, device=module.weight.device)
+        position_ids = position_ids + self.prefix_config.num_virtual_tokens
+        self._check_positions(position_ids, position_ids.shape[-1])
+        return (input_ids,), {"cache_length": cache_length, "position_ids": position_ids}
+
+    # ------------------------------------------------------------------ the model's API
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        refuse_static_cache_generation(self.base_model, kwargs)
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Enable gradient (activation) checkpointing in the base model. Non-reentrant only: every layer's
+        prefix comes from one prefix-encoder graph, which reentrant checkpointing would back-propagate through
+        once per layer."""
+        ckpt = dict(activation_checkpointing_kwargs or {})
+        if ckpt.setdefault("use_reentrant", False):
+            raise ValueError("PrefixModel supports non-reentrant gradient checkpointing only: expected "
+                             "use_reentrant=False, got True")
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Alias of `activation_checkpointing_enable` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    @property
+    def task_type(self) -> str:
+        return task_type_of(self.base_model)
+
+    # ------------------------------------------------------------------ save / load
+    def merged_prompt_embeddings(self) -> torch.Tensor:
+        """The prefix as PEFT saves it: `[P, layers * 2 * Hkv * D]`, the MLP (if any) applied, no dropout."""
+        with torch.no_grad():
+            return self.prefix_encoder.prompt_embeddings().detach().float().cpu().contiguous()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
+        """Write PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors` with
+        `prompt_embeddings [P, layers*2*Hkv*D]`), plus `prefix_kernels_config.json` and, in
+        `prefix_kernels_state.safetensors`, the trainable head weights and (with `training_state`) the full
+        prefix encoder, MLP included, so that training resumes exactly."""
+        adapter_io.save_prefix_adapter(
+            save_directory, model=self.base_model, config=self.prefix_config, layout=self.layout,
+            prompt_embeddings=self.merged_prompt_embeddings(), heads=self.heads,
+            encoder_state=self.prefix_encoder.state_dict() if training_state else None)
+
+    def export_merged(self, save_directory: str | os.PathLike) -> None:
+        """Save the merged prefix only (MLP dropped): loads as a plain prefix here and in PEFT."""
+        self.save_pretrained(save_directory, training_state=False)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False,
+                        backend: str | None = None) -> "PrefixModel":
+        """Load an adapter saved by `save_pretrained` / `export_merged` or by PEFT (prefix tuning) onto `model`.
+        Everything is checked against the model before it is modified."""
+        files = adapter_io.read_prefix_adapter(adapter_dir)
+        config = adapter_io.prefix_config_from(files, backend=backend)
+        layout = detect(model)
+        adapter_io.check_prefix_adapter(files, config, model, layout)
+        pm = cls._apply_adapter(model, config, layout, files)
+        if not is_trainable:
+            freeze([pm.prefix_encoder, *(model.get_submodule(name) for name in pm.heads)])
+        return pm
+
+    @classmethod
+    def _apply_adapter(cls, model: nn.Module, config: PrefixTuningConfig, layout: ModelLayout,
+                       files: adapter_io.PrefixAdapterFiles) -> "PrefixModel":
+        """Wrap the model and load the checked files; on any failure undo everything (head weights restored,
+        patch removed), so that nothing is half-loaded."""
+        model_state = model.state_dict()
+        saved_heads = {k: model_state[k].detach().clone() for k in files.head_state}
+        pm = cls(model, config, layout=layout)
+        try:
+            with torch.no_grad():
+                if files.encoder_state:
+                    pm.prefix_encoder.load_state_dict(files.encoder_state)
+                else:
+                    pm.prefix_encoder.load_prompt_embeddings(files.prompt_embeddings)
+                _copy_into(model, files.head_state, model_device(model))
+        except BaseException:
+            with torch.no_grad():
+                _copy_into(model, saved_heads, model_device(model))
+            pm.unload()
+            raise
+        return pm
+
+
+def get_prefix_model(model: nn.Module, config: PrefixTuningConfig) -> PrefixModel:
+    """Freeze `model`, attach a prefix encoder and switch its attention to the fused prefix op."""
+    return PrefixModel(model, config)
