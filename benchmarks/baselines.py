@@ -104,6 +104,11 @@ def ours(backend: str, tensors, causal: bool) -> Method:
     import prefix_kernels
 
     q, k, v, pk, pv = tensors
+    if backend == "reference":
+        # PEFT + eager attention: the plain expand + cat + softmax under autograd (the backend's op adds the
+        # log-sum-exp its contract returns, which eager attention does not pay for).
+        return Method(backend, tuple(tensors),
+                      lambda: prefix_kernels.reference_prefix_attention(q, k, v, pk, pv, causal=causal))
     return Method(backend, tuple(tensors),
                   lambda: prefix_kernels.prefix_attention(q, k, v, pk, pv, causal=causal, backend=backend))
 

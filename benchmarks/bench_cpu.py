@@ -1,4 +1,4 @@
-"""The C++ `cpu` backend against `reference` on the shapes of the C++ issue (this 2-core machine), fp32 and bf16:
+"""The C++ `cpu` backend against `reference` on CPU-sized shapes (a 2-core machine), fp32 and bf16:
 P-Tuning v2 NLU (BERT-base/large heads, L = 128, B = 8), causal LM (L 512/2048, GQA 4:1, B = 1) and decode
 (L = 1, S = 2048, B = 16). Forward+backward everywhere, forward alone too for decode.
 

@@ -1,19 +1,19 @@
 """What every benchmark script shares: inputs, timing, peak memory, machine description, result files.
 
 Timing runs the compared backends side by side in one process, alternating call by call, and reports the
-median with p20/p80. Peak memory on CUDA is `torch.cuda.max_memory_allocated` over one call, above what was
-allocated before it; on CPU it is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over one call, made under `prefix_kernels.memory.exact_cpu_memory()` so that freed
-buffers go back to the OS instead of hiding in malloc's cache (timed calls run outside it, with glibc's fast
-settings: the exact mode slows large allocations). Either way it counts everything the call allocates:
-outputs, gradients, saved activations and temporaries.
+median with p20/p80. Peak memory is what one call adds on top of what was allocated before it, measured by the
+meter the demo and the example use too (`prefix_kernels.apps.memory.PeakMemory`): on CUDA the allocator's
+`max_memory_allocated`; on CPU the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) with glibc in its exact mode, so that freed buffers go back to the OS instead of hiding
+in malloc's cache (timed calls run outside it, with glibc's fast settings: the exact mode slows large
+allocations). Either way it counts everything the call allocates: outputs, gradients, saved activations and
+temporaries.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
-import gc
 import os
 import platform
 import statistics
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefix_kernels.memory import exact_cpu_memory
+from prefix_kernels.apps.memory import PeakMemory
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -145,36 +145,15 @@ def _quantiles(ts: list[float]) -> tuple[float, float, float]:
     return statistics.median(ts), q[1], q[7]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def peak_memory_mib(fn, device: str, setup=None) -> float:
-    """Peak memory one call of `fn` adds on top of what is allocated before it (see the module docstring);
-    `setup` runs first, its allocations counted as "before"."""
+    """Peak memory (MiB) one call of `fn` adds on top of what is allocated before it (see the module
+    docstring); `setup` runs first, its allocations counted as "before". NaN where the CPU meter has no
+    /proc/self/clear_refs."""
     if setup is not None:
         setup()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory(device) as mem:
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    with exact_cpu_memory():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            return float("nan")
-        before = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - before) / 1024
+    return mem.mib
 
 
 def machine_description(device: str) -> str:

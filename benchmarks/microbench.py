@@ -5,7 +5,7 @@ today (benchmarks/baselines.py: sdpa-expand, sdpa-concat, flex, flash-attn) agai
     python benchmarks/microbench.py [--device cpu|cuda] [--dtype float32 bfloat16] [--reps N] [--quick]
                                     [--sweep] [--modes fwd bwd fwd+bwd] [--baselines ...] [--out DIR]
 
-Default shapes: three (NLU, causal LM, decode); `--sweep` runs the issue's sweep (Llama-8B-like layers over
+Default shapes: three (NLU, causal LM, decode); `--sweep` runs the full sweep (Llama-8B-like layers over
 L and P, GQA ratio and head dim, P-Tuning v2 NLU over P, decode over S and B; fp16/bf16 on GPU);
 `--quick`: the first shape, one dtype, 2 reps (a smoke test, no timing claim). Decode (L = 1) is timed
 forward only. Prints a table and progress, appends rows to <out>/microbench.csv (machine, versions, commit;
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import baselines  # noqa: E402
 import prefix_kernels  # noqa: E402
-from prefix_kernels.ops.dispatch import available_backends  # noqa: E402
+from prefix_kernels import available_backends  # noqa: E402
 
 CPU_SHAPES = [
     Shape("p-tuning-v2 NLU (BERT-base)", 8, 12, 12, 128, 128, 64, 64, causal=False),
@@ -48,7 +48,7 @@ GPU_SHAPES = [
 
 
 def gpu_sweep() -> list[Shape]:
-    """The issue's sweep: Llama-8B-like layers (Hq 32, Hkv 8, D 128, L 2048-8192, P 16-128, B*L = 16k
+    """The GPU sweep: Llama-8B-like layers (Hq 32, Hkv 8, D 128, L 2048-8192, P 16-128, B*L = 16k
     tokens), GQA ratio and head dim at L 4096, P-Tuning v2 NLU (BERT-base/large heads, L 128, B 32, P 8-224),
     decode (L 1, S 2048-32768, B 1-64)."""
     llama = [Shape("llama-8b", 16384 // L, 32, 8, L, L, P, 128, causal=True)
@@ -74,16 +74,6 @@ def cpu_sweep() -> list[Shape]:
 def clear_grads(tensors) -> None:
     for t in tensors:
         t.grad = None
-
-
-def run_once(backend, tensors, grad_out, shape, mode):
-    """One call of a prefix_kernels backend (kept for callers of the earlier API)."""
-    clear_grads(tensors)
-    if mode == "fwd":
-        with torch.no_grad():
-            prefix_kernels.prefix_attention(*tensors, causal=shape.causal, backend=backend)
-    else:
-        prefix_kernels.prefix_attention(*tensors, causal=shape.causal, backend=backend).backward(grad_out)
 
 
 def _calls(method: baselines.Method, grad_out, mode: str):

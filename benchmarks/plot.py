@@ -93,14 +93,14 @@ def summary_table(rows: list[dict]) -> str:
     header = ["dtype", "case", "mode", "ours", "ours ms", "vs reference", "vs sdpa-expand", "vs sdpa-concat",
               "vs flex", "vs flash-attn", "peak MiB ours / reference"]
     table = []
-    for key, by in cases.items():
+    for by in cases.values():
         ours = [by[b] for b in OURS if b in by]
         if not ours:
             continue
         best = min(ours, key=lambda r: float(r["ms"]))
         ms = float(best["ms"])
 
-        def ratio(name):
+        def ratio(name, by=by, ms=ms):
             return f"{float(by[name]['ms']) / ms:.2f}x" if name in by else "-"
         mem = f"{float(best['peak_mib']):.1f} / {float(by['reference']['peak_mib']):.1f}" if "reference" in by else "-"
         r = best

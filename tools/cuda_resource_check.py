@@ -3,9 +3,10 @@
     python tools/cuda_resource_check.py [--out resources.md] [--arch 80 --arch 90] [--nvcc PATH]
 
 For every kernel and target architecture it prints registers, stack frame, spill stores, spill loads and
-static shared memory (from `nvcc --resource-usage`), writes the table as markdown to --out, and exits
-non-zero if any kernel spills registers or a file fails to compile. Needs a CUDA toolkit (CUDA_HOME or nvcc on
-PATH) and torch for the include directories (a CUDA build of torch; the CPU build works for kernel-only files).
+static shared memory (from `nvcc --resource-usage`, read by tools/ptxas.py), writes the table as markdown to
+--out, and exits non-zero if any kernel spills registers or a file fails to compile. Needs a CUDA toolkit
+(CUDA_HOME or nvcc on PATH) and torch for the include directories (a CUDA build of torch; the CPU build works
+for kernel-only files).
 No GPU is needed. The flags match setup.py's nvcc flags plus torch's own CUDAExtension defines.
 
 Dynamic shared memory is sized at launch from the head dim and is not in this table; every launch checks it
@@ -21,8 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+import ptxas  # tools/ptxas.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHS = ("80", "90")
@@ -32,27 +34,6 @@ NVCC_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
 ]
-
-_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
-_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers")
-_SMEM = re.compile(r"(\d+) bytes smem")
-
-
-@dataclass
-class KernelUsage:
-    source: str
-    kernel: str
-    arch: str
-    registers: int = -1
-    stack: int = 0
-    spill_stores: int = 0
-    spill_loads: int = 0
-    smem: int = 0
-
-    @property
-    def spills(self) -> bool:
-        return self.spill_stores > 0 or self.spill_loads > 0
 
 
 def cxx_standard() -> str:
@@ -109,28 +90,6 @@ def demangle(names: list[str]) -> dict[str, str]:
     return pretty
 
 
-def parse(source: str, text: str) -> list[KernelUsage]:
-    rows: list[KernelUsage] = []
-    current: KernelUsage | None = None
-    for line in text.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            current = KernelUsage(source, m.group(1), m.group(2))
-            rows.append(current)
-            continue
-        if current is None:
-            continue
-        m = _PROPS.search(line)
-        if m:
-            current.stack, current.spill_stores, current.spill_loads = map(int, m.groups())
-        m = _USED.search(line)
-        if m:
-            current.registers = int(m.group(1))
-            s = _SMEM.search(line)
-            current.smem = int(s.group(1)) if s else 0
-    return rows
-
-
 def compile_one(nvcc: str, src: Path, archs: list[str], incs: list[str], std: str, tmp: str) -> tuple[int, str]:
     cmd = [nvcc, std, *NVCC_FLAGS]
     for a in archs:
@@ -141,12 +100,13 @@ def compile_one(nvcc: str, src: Path, archs: list[str], incs: list[str], std: st
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def table(rows: list[KernelUsage]) -> str:
+def table(rows: list[ptxas.KernelResources]) -> str:
     lines = ["| kernel | arch | registers | stack (B) | spill stores (B) | spill loads (B) | static smem (B) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         flag = " **SPILLS**" if r.spills else ""
-        lines.append(f"| `{r.kernel}`{flag} | {r.arch} | {r.registers} | {r.stack} | {r.spill_stores} | "
+        registers = "-" if r.registers is None else r.registers
+        lines.append(f"| `{r.kernel}`{flag} | {r.arch} | {registers} | {r.stack} | {r.spill_stores} | "
                      f"{r.spill_loads} | {r.smem} |")
     return "\n".join(lines)
 
@@ -170,22 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     std = args.std or cxx_standard()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
 
-    rows: list[KernelUsage] = []
+    by_source: list[tuple[str, ptxas.KernelResources]] = []
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources:
-            print(f"compiling {src.relative_to(ROOT) if src.is_relative_to(ROOT) else src} for sm_{', sm_'.join(archs)} ...",
-                  flush=True)
+            shown = src.relative_to(ROOT) if src.is_relative_to(ROOT) else src
+            print(f"compiling {shown} for sm_{', sm_'.join(archs)} ...", flush=True)
             rc, log = compile_one(nvcc, src, archs, incs, std, tmp)
             if rc != 0:
                 failures.append(f"{src.name}: nvcc exited with {rc}\n{log}")
                 continue
-            rows += parse(src.name, log)
+            by_source += [(src.name, r) for r in ptxas.parse(log)]
 
-    names = demangle(sorted({r.kernel for r in rows}))
-    for r in rows:
+    names = demangle(sorted({r.kernel for _, r in by_source}))
+    for _, r in by_source:
         r.kernel = names.get(r.kernel, r.kernel)
-    rows.sort(key=lambda r: (r.source, r.kernel, r.arch))
+    rows = [r for _, r in sorted(by_source, key=lambda sr: (sr[0], sr[1].kernel, sr[1].arch))]
     spilling = [r for r in rows if r.spills]
 
     report = ["# CUDA kernel resource usage", "",

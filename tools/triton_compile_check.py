@@ -3,13 +3,13 @@
 Every shipped kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the
 "full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward also without
-dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128). The argument types and the integer specializations
-(divisibility by 16, strides equal to 1 as constants) are those of a launch from `op.py` on contiguous
-tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared
-memory ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
-second ptxas run on the PTX when the kernel came from Triton's cache).
+dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128). The argument types and the integer
+specializations (divisibility by 16, strides equal to 1 as constants) are those of a launch from `launch.py` on
+contiguous tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static
+shared memory ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
+second ptxas run on the PTX when the kernel came from Triton's cache), read by tools/ptxas.py.
 
-    python -m prefix_kernels.ops.triton.compile_check [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
+    python tools/triton_compile_check.py [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
 
 Prints a markdown table and exits 1 if any row spills, exceeds the shared memory of its arch, or fails to
 compile. The kernels must be real JIT functions: under TRITON_INTERPRET (a non-zero value) the check refuses
@@ -21,35 +21,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import ptxas  # tools/ptxas.py: this script's folder is on sys.path
+
+from prefix_kernels.ops.triton import interpreting
+
 # Dynamic shared memory a block may opt into (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DEFAULT_ARCHS = (80, 90)
-AUTOTUNED = {  # TILE_CONFIGS key -> kernel function name in kernels.py
-    "fwd": "prefix_attention_fwd",
-    "bwd_dq": "prefix_attention_bwd_dq",
-    "bwd_dkdv": "prefix_attention_bwd_dkdv",
-    "bwd_prefix": "prefix_attention_bwd_dprefix",
-}
+KERNEL_ORDER = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess", "dropout_mask")
 FP32_MAX_D_PAD = 128
 BUCKETS = (64, 128, 256)
 
 # A representative launch: contiguous tensors, GQA, several prefixes, sizes that are not multiples of 16.
 B, HQ, HKV, L, S, P, T = 2, 8, 4, 1000, 1000, 500, 3
 GROUP = HQ // HKV
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -63,6 +56,11 @@ class Job:
     num_warps: int
     num_stages: int
     arch: int
+
+    @property
+    def function(self) -> str:
+        """The kernel's function in kernels.py."""
+        return "prefix_attention_" + self.kernel
 
 
 @dataclass
@@ -84,7 +82,7 @@ class Row:
 
 def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
     """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
-    from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
+    from prefix_kernels.ops.triton.configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
 
     jobs = []
     for arch in archs:
@@ -107,7 +105,7 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Arguments of one launch, as op.py passes them.
+# Arguments of one launch, as launch.py passes them.
 
 
 def _contig(*shape):
@@ -139,56 +137,49 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
     common = dict(GROUP=GROUP, D=D, D_PAD=D, DROPOUT=job.dropout,
                   DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32", **tiles)
 
-    def strides(prefix, names, values):
-        return {f"stride_{prefix}{n}": v for n, v in zip(names, values)}
+    def strides(**layouts):
+        """The stride arguments: strides(q=("bhld", q_s)) -> {"stride_qb": ..., "stride_qh": ..., ...}."""
+        return {f"stride_{name}{dim}": value for name, (dims, values) in layouts.items()
+                for dim, value in zip(dims, values)}
 
     if job.kernel == "fwd":
-        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), O=t(),
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), OUT=t(),
                     LSE=t(torch.float32))
-        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
-        args.update(strides("v", "bhsd", kv_s)); args.update(strides("pk", "thpd", p_s))
-        args.update(strides("pv", "thpd", p_s)); args.update(strides("o", "bhld", q_s))
-        args.update(strides("kpm_", "bs", kpm_s))
+        args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
+                            pv=("thpd", p_s), o=("bhld", q_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
         consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
     elif job.kernel == "bwd_dq":
         args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), DO=t(),
                     LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t())
-        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
-        args.update(strides("v", "bhsd", kv_s)); args.update(strides("pk", "thpd", p_s))
-        args.update(strides("pv", "thpd", p_s)); args.update(strides("do", "bhld", q_s))
-        args.update(strides("dq", "bhld", q_s)); args.update(strides("kpm_", "bs", kpm_s))
+        args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
+                            pv=("thpd", p_s), do=("bhld", q_s), dq=("bhld", q_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
         consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
     elif job.kernel == "bwd_dkdv":
         args = dict(Q=t(), K=t(), V=t(), KPM=t(torch.uint8), DO=t(), LSE=t(torch.float32),
                     DELTA=t(torch.float32), DK=t(), DV=t())
-        args.update(strides("q", "bhld", q_s)); args.update(strides("k", "bhsd", kv_s))
-        args.update(strides("v", "bhsd", kv_s)); args.update(strides("do", "bhld", q_s))
-        args.update(strides("dk", "bhsd", kv_s)); args.update(strides("dv", "bhsd", kv_s))
-        args.update(strides("kpm_", "bs", kpm_s))
+        args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), do=("bhld", q_s),
+                            dk=("bhsd", kv_s), dv=("bhsd", kv_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **scalars, **buckets)
         consts = dict(CAUSAL=True, HAS_KPM=True, **common)
-    elif job.kernel == "bwd_prefix":
+    elif job.kernel == "bwd_dprefix":
         args = dict(Q=t(), PK=t(), PV=t(), PIDX=t(torch.int64), DO=t(), LSE=t(torch.float32),
                     DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32))
-        args.update(strides("q", "bhld", q_s)); args.update(strides("pk", "thpd", p_s))
-        args.update(strides("pv", "thpd", p_s)); args.update(strides("do", "bhld", q_s))
+        args.update(strides(q=("bhld", q_s), pk=("thpd", p_s), pv=("thpd", p_s), do=("bhld", q_s)))
         args.update(B=B, Hq=HQ, Hkv=HKV, L=L, S=S, P=P, T=T, n_splits=7, **scalars, **buckets)
         consts = dict(MULTI_PREFIX=True, ATOMIC=False, **common)
     elif job.kernel == "bwd_preprocess":
-        args = dict(O=t(), DO=t(), DELTA=t(torch.float32))
-        args.update(strides("o", "bhld", q_s)); args.update(strides("do", "bhld", q_s))
+        args = dict(OUT=t(), DO=t(), DELTA=t(torch.float32))
+        args.update(strides(o=("bhld", q_s), do=("bhld", q_s)))
         args.update(Hq=HQ, L=L)
         consts = dict(D=D, D_PAD=D, BLOCK_M=job.block_m)
-        return "prefix_attention_bwd_preprocess", args, consts
     elif job.kernel == "dropout_mask":
         args = dict(KEEP=t(torch.int8), L=L, P=P, S=S, dropout_p=scalars["dropout_p"], seed=scalars["seed"])
         consts = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
-        return "prefix_attention_dropout_mask", args, consts
     else:
-        raise ValueError(job.kernel)
-    return AUTOTUNED[job.kernel], args, consts
+        raise ValueError(f"unknown kernel {job.kernel!r}")
+    return job.function, args, consts
 
 
 def _ast_source(job: Job):
@@ -197,7 +188,7 @@ def _ast_source(job: Job):
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from . import kernels
+    from prefix_kernels.ops.triton import kernels
 
     name, args, consts = _launch_args(job)
     fn = getattr(kernels, name)
@@ -225,41 +216,17 @@ def _ast_source(job: Job):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-_PTXAS_RE = {
-    "registers": re.compile(r"Used (\d+) registers"),
-    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
-    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
-    "static_smem": re.compile(r"(\d+) bytes smem"),
-}
-
-
-def parse_ptxas_log(log: str) -> dict:
-    out = {}
-    for key, pattern in _PTXAS_RE.items():
-        values = [int(v) for v in pattern.findall(log)]
-        if values:
-            out[key] = max(values)
-    return out
-
-
-def _ptxas(arch: int):
+def _ptxas(arch: int) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
     return get_ptxas(arch).path
 
 
-def _run_ptxas(ptx: str, arch: int) -> str:
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        cmd = [_ptxas(arch), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
-               src, "-o", os.path.join(tmp, "k.cubin")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"ptxas failed ({res.returncode}): {res.stderr[-2000:]}")
-        return res.stdout + res.stderr
+def _resources(log: str, function: str) -> Optional[ptxas.KernelResources]:
+    """The entry `function` of a ptxas log (a log holds one kernel per compile), None if it has no register
+    count (a kernel from Triton's cache: no ptxas ran)."""
+    rows = [r for r in ptxas.parse(log) if r.registers is not None]
+    named = [r for r in rows if r.kernel == function]
+    return (named or rows or [None])[-1]
 
 
 def _resources_path(kernel_hash: str) -> str:
@@ -267,24 +234,22 @@ def _resources_path(kernel_hash: str) -> str:
     return os.path.join(knobs.cache.dir, "prefix_kernels_compile_check", f"{kernel_hash}.json")
 
 
-def _cached_resources(kernel_hash: str) -> dict:
+def _cached_resources(kernel_hash: str) -> Optional[ptxas.KernelResources]:
     """The ptxas numbers of a kernel found in Triton's cache (its ptxas log is not kept there)."""
-    import json
     try:
         with open(_resources_path(kernel_hash)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+            return ptxas.KernelResources(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
-def _store_resources(kernel_hash: str, info: dict) -> None:
-    import json
+def _store_resources(kernel_hash: str, info: ptxas.KernelResources) -> None:
     path = _resources_path(kernel_hash)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(info, f)
+            json.dump(asdict(info), f)
         os.replace(tmp, path)
     except OSError:
         pass
@@ -295,6 +260,7 @@ def compile_job(job: Job) -> Row:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     row = Row(job)
     start = time.perf_counter()
@@ -305,18 +271,19 @@ def compile_job(job: Job) -> Row:
         with contextlib.redirect_stdout(captured):
             kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                                     options={"num_warps": job.num_warps, "num_stages": job.num_stages})
-        info = parse_ptxas_log(captured.getvalue())
-        if "registers" not in info:  # a cache hit: Triton ran no ptxas this time
+        info = _resources(captured.getvalue(), job.function)
+        if info is None:  # a cache hit: Triton ran no ptxas this time
             info = _cached_resources(kernel.hash)
-        if "registers" not in info:
-            info = parse_ptxas_log(_run_ptxas(kernel.asm["ptx"], job.arch))
-        _store_resources(kernel.hash, info)
-        if "registers" not in info:
+        if info is None:
+            log = ptxas.run(_ptxas(job.arch), kernel.asm["ptx"], sm_arch_from_capability(job.arch))
+            info = _resources(log, job.function)
+        if info is None:
             raise RuntimeError("no register count in the ptxas log")
-        row.registers = info["registers"]
-        row.spill_stores = info.get("spill_stores", 0)
-        row.spill_loads = info.get("spill_loads", 0)
-        row.smem = int(kernel.metadata.shared) + info.get("static_smem", 0)
+        _store_resources(kernel.hash, info)
+        row.registers = info.registers
+        row.spill_stores = info.spill_stores
+        row.spill_loads = info.spill_loads
+        row.smem = int(kernel.metadata.shared) + info.smem
     except Exception as e:  # noqa: BLE001 - every failure becomes a failing row
         msg = f"{type(e).__name__}: {e}".strip()
         row.error = msg.splitlines()[0][:300] if msg else type(e).__name__
@@ -357,8 +324,7 @@ def table(rows: list[Row]) -> str:
 
 
 def _order(job: Job):
-    kernels = list(AUTOTUNED) + ["bwd_preprocess", "dropout_mask"]
-    return (kernels.index(job.kernel), job.dtype != "bf16", not job.dropout, job.d_pad or 0, job.arch)
+    return (KERNEL_ORDER.index(job.kernel), job.dtype != "bf16", not job.dropout, job.d_pad or 0, job.arch)
 
 
 def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tuple[list[Row], float]:
@@ -390,7 +356,7 @@ def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tu
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefix_kernels.ops.triton.compile_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python tools/triton_compile_check.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), choices=sorted(SMEM_LIMIT))
     parser.add_argument("--out", help="also write the markdown table to this file")
@@ -401,9 +367,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if interpreting():
-        print("compile_check: TRITON_INTERPRET is set to a non-zero value, so the kernels are interpreter objects "
-              "and cannot be compiled. Run it with the variable unset, e.g. "
-              "`env -u TRITON_INTERPRET python -m prefix_kernels.ops.triton.compile_check`.", file=sys.stderr)
+        print("triton_compile_check: TRITON_INTERPRET is set to a non-zero value, so the kernels are interpreter "
+              "objects and cannot be compiled. Run it with the variable unset, e.g. "
+              "`env -u TRITON_INTERPRET python tools/triton_compile_check.py`.", file=sys.stderr)
         return 2
 
     import triton

