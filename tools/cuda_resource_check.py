@@ -85,7 +85,7 @@ def demangle(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
     pretty = {}
     for name, dem in zip(names, out):
-        dem = re.sub(r"\(anonymous namespace\)::|pk_cuda::|\(pk_cuda::Params\)", "", dem)
+        dem = re.sub(r"\(anonymous namespace\)::|\(prefix_kernels::cuda::Params\)|prefix_kernels::cuda::", "", dem)
         pretty[name] = dem.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("<float", "<fp32")
     return pretty
 
