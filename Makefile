@@ -16,7 +16,7 @@ DEMO_ARGS ?=
 EXAMPLE_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo example bench compile-check cuda-check clean
+.PHONY: setup test demo example bench compile-check cuda-check test-min-transformers clean
 
 setup: $(VENV)/.installed
 
@@ -66,5 +66,19 @@ cuda-check:
 	env CUDA_HOME=$(CUDA_HOME) PATH=$(CUDA_HOME)/bin:$$PATH \
 	  $(CUDA_VENV)/bin/python tools/cuda_resource_check.py --out build/cuda_resources.md
 
+# The transformers integration tests against the oldest transformers release this project supports, in a
+# separate venv (the C++ extension is skipped: the tests run the reference backend).
+MIN_TRANSFORMERS ?= 5.0.0
+MIN_VENV ?= .venv-min-transformers
+test-min-transformers:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" setuptools wheel
+	env PREFIX_KERNELS_BUILD_EXT=0 $(MIN_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test]" \
+	  "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(MIN_TRANSFORMERS)', transformers.__version__"
+	env PREFIX_KERNELS_BACKEND=reference $(MIN_VENV)/bin/python -m pytest -p no:xdist -q $(PYTEST_ARGS) \
+	  tests/test_transformers_*.py tests/test_peft_habits.py
+
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info prefix_kernels/ops/_C*.so
+	rm -rf $(VENV) $(CUDA_VENV) $(MIN_VENV) build *.egg-info prefix_kernels/ops/_C*.so

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from tiny_models import bert, gpt2, llama, tokens
+from tiny_models import bert, gpt2, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -217,3 +217,179 @@ def test_static_caches_are_refused_with_a_message():
     with pytest.raises(NotImplementedError, match="dynamic caches only.*StaticCache"):
         model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=16))
     assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (2, 7)
+
+
+# ---------------------------------------------------------------------------------------------- refused at wrap time
+def _m2m100():
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return M2M100ForConditionalGeneration(M2M100Config(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
+
+
+def test_sinusoidal_positions_refuse_the_position_offset():
+    from prefix_kernels.transformers import check_position_offset, detect
+
+    model = _m2m100()
+    layout = detect(model)
+    assert "M2M100SinusoidalPositionalEmbedding" in layout.unshiftable_positions
+    with pytest.raises(ValueError, match="position_offset=True .* m2m_100 has sinusoidal positions"):
+        check_position_offset(layout, True)
+    check_position_offset(layout, False)
+    pm = pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2, position_offset=False))
+    ids = tokens(2, 5, low=3) % 60 + 3
+    pm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids)
+
+
+def test_different_key_and_value_head_sizes_are_refused():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("DeepSeek-V3 is not in this transformers")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=12, pad_token_id=0)
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match="different key and value head sizes .*qk_head_dim 16, v_head_dim 12"):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
+    assert_untouched(model, attn)
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("some_new_feature", torch.zeros(1), "'some_new_feature'"),
+    ("some_new_flag", None, "'some_new_flag'"),
+    ("sliding_window", 4, "sliding-window attention (sliding_window=4)"),
+    ("softcap", 30.0, "soft-capping"),
+    ("s_aux", torch.zeros(4), "attention sinks"),
+    ("cu_seq_lens_q", torch.zeros(3), "packed (varlen) sequences"),
+])
+def test_attention_keywords_outside_the_allowlist_are_refused(name, value, words):
+    from prefix_kernels.transformers.attention import check_attention_kwargs
+
+    with pytest.raises(NotImplementedError) as e:
+        check_attention_kwargs({name: value})
+    assert words in str(e.value)
+    check_attention_kwargs(dict(position_ids=None, cache_position=None, is_causal=True, output_attentions=False,
+                                use_cache=True, sliding_window=None, softcap=None))
+
+
+def test_unknown_attention_keyword_in_a_model_is_refused_by_name():
+    pm = pk.get_prefix_model(llama(), pk.PrefixTuningConfig(num_virtual_tokens=2))
+    module = pm.layout.attention_modules[0][1]
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        return original(*args, some_new_feature=1, **kwargs)
+
+    module.forward = forward
+    with pytest.raises(NotImplementedError, match="'some_new_feature'"):
+        pm(input_ids=tokens(1, 4))
+
+
+def _llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=16, patch_size=8)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=64, pad_token_id=0)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_index=63)).eval()
+
+
+def test_vision_language_model_binds_the_language_model_only():
+    from prefix_kernels.transformers import detect
+    from prefix_kernels.transformers.families import current_attn_implementation
+
+    model = _llava()
+    model.config.vision_config._attn_implementation = "eager"
+    original = current_attn_implementation(model)
+    layout = detect(model)
+    assert layout.groups == [("self", 2)]
+    assert all(name.startswith("model.language_model.") for name, _ in layout.attention_modules)
+    assert layout.attn_implementation == {"text_config": "prefix_kernels"}
+    # what the wrapper does with it: the vision tower keeps its attention
+    model.set_attn_implementation(layout.attn_implementation)
+    assert model.config.text_config._attn_implementation == "prefix_kernels"
+    assert model.config.vision_config._attn_implementation == "eager"
+    model.set_attn_implementation(original)
+    assert current_attn_implementation(model) == original
+    assert model.config.text_config._attn_implementation != "prefix_kernels"
+
+
+def _modernbert(global_every=1):
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+        global_attn_every_n_layers=global_every, local_attention=8, num_labels=2, attention_dropout=0.0,
+        mlp_dropout=0.0, embedding_dropout=0.0, classifier_dropout=0.0)).eval()
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """expand + cat: the layer's prefix keys and values in front of the sequence's, the prefix always seen."""
+    binding = module._prefix_kernels
+    prefix_k, prefix_v = binding.state.layer_prefix(binding.slot, query.dtype)
+    B, L, S, P = query.shape[0], query.shape[2], key.shape[2], prefix_k.shape[1]
+    key = torch.cat([prefix_k.expand(B, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix_v.expand(B, -1, -1, -1), value], dim=2)
+    seen = torch.ones(B, 1, L, P + S, dtype=torch.bool)
+    if attention_mask is not None:
+        seen[..., P:] = attention_mask.to(torch.bool).expand(B, 1, L, S)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=seen, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _skip_unless_modernbert_is_on_the_interface():
+    from transformers import ModernBertForSequenceClassification
+
+    if not ModernBertForSequenceClassification._can_set_attn_implementation():
+        with pytest.raises(ValueError, match="'modernbert' .* is not on transformers' attention interface"):
+            pk.get_prefix_model(_modernbert(), pk.PrefixTuningConfig(num_virtual_tokens=2))
+        pytest.skip("ModernBERT is not on the attention interface in this transformers (refusal checked)")
+
+
+def test_modernbert_wraps_trains_and_equals_an_oracle():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("prefix_kernels_test_oracle", _oracle_attention)
+    AttentionMaskInterface.register("prefix_kernels_test_oracle", sdpa_mask)
+    _skip_unless_modernbert_is_on_the_interface()
+    pm = pk.get_prefix_model(_modernbert(), pk.PrefixTuningConfig(num_virtual_tokens=3, position_offset=False))
+    assert pm.layout.groups == [("self", 2)] and pm.layout.kind == "encoder"
+    randomize_prefix(pm, scale=0.5)
+    ids = tokens(2, 6) % 60 + 3
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    labels = torch.tensor([0, 1])
+    pm.train()
+    loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = [p.grad.clone() for p in pm.prefix_encoder.parameters()]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    pm.zero_grad()
+    pm.base_model.set_attn_implementation("prefix_kernels_test_oracle")
+    try:
+        oracle = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        oracle.backward()
+    finally:
+        pm.base_model.set_attn_implementation("prefix_kernels")
+    torch.testing.assert_close(loss, oracle, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, pm.prefix_encoder.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_modernbert_local_attention_is_refused_by_name():
+    _skip_unless_modernbert_is_on_the_interface()
+    pm = pk.get_prefix_model(_modernbert(global_every=2), pk.PrefixTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(NotImplementedError, match="sliding"):
+        pm(input_ids=tokens(1, 5) % 60 + 3)

@@ -140,8 +140,16 @@ def test_no_dense_mask_is_created(make):
 
     from prefix_kernels.transformers import PrefixMask
 
-    compact = create_causal_mask(config=pm.base_model.config, inputs_embeds=torch.zeros(B, T, 8),
-                                 attention_mask=mask, cache=None)
+    import inspect
+
+    # The keyword names of create_causal_mask changed within transformers 5.x (input(s)_embeds,
+    # cache / past_key_values, cache_position); ask the installed one.
+    params = inspect.signature(create_causal_mask).parameters
+    extra = {"cache": None} if "cache" in params else {"past_key_values": None}
+    extra["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = torch.zeros(B, T, 8)
+    if "cache_position" in params:
+        extra["cache_position"] = torch.arange(T)
+    compact = create_causal_mask(config=pm.base_model.config, attention_mask=mask, **extra)
     assert isinstance(compact, PrefixMask) and compact.causal
     assert compact.key_padding_mask.shape == (B, T) and compact.key_padding_mask.dtype == torch.bool
 
@@ -164,8 +172,8 @@ def test_trainer_with_gradient_checkpointing(tmp_path):
 
 def test_prefix_cast_once_per_step_and_backend_resolved_once_per_model(monkeypatch):
     """A bf16 model with an fp32 prefix encoder: each step casts the whole prefix [layers, 2, Hkv, P, D] once,
-    never one layer's prefix; the op backend is resolved once for the model, not per layer or step; and
-    gradient checkpointing recomputes with the same cast prefix."""
+    never one layer's prefix, and no-grad calls reuse the cast prefix; the op backend is resolved once for the
+    model, not per layer or step; and gradient checkpointing recomputes with the same cast prefix."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from prefix_kernels.methods import prefix_model
@@ -193,6 +201,12 @@ def test_prefix_cast_once_per_step_and_backend_resolved_once_per_model(monkeypat
 
     ids = tokens(2, 5)
     with Record(), torch.no_grad():
+        for _ in range(2):
+            pm(input_ids=ids)
+    # Without autograd the prefix is kept across calls: the second call casts nothing.
+    assert [s for s in casts if s[-2:] == (P, D)] == [(layers, 2, Hkv, P, D)]
+    casts.clear()
+    with Record():
         for _ in range(2):
             pm(input_ids=ids)
     assert [s for s in casts if s[-2:] == (P, D)] == [(layers, 2, Hkv, P, D)] * 2

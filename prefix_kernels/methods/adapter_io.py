@@ -52,6 +52,12 @@ PTUNING_ENCODER = "prompt_encoder.safetensors"
 TASK_CONFIG = "task_config.json"
 TASK_HEADS = "task_heads.safetensors"
 
+# PEFT's prefix tuning puts one prefix on the decoder self-attention of encoder-decoders, its layer i tied to
+# layer i + layers/2; an adapter with encoder, decoder and cross-attention prefixes would load there without
+# an error and give other logits. This peft_type (not one of PEFT's) makes PEFT refuse it.
+PEFT_TYPE = "PREFIX_TUNING"
+ENCODER_DECODER_PEFT_TYPE = "PREFIX_KERNELS_ENCODER_DECODER"
+
 
 # ---------------------------------------------------------------------------------------------- readers/writers
 def read_json(path: str | os.PathLike) -> dict:
@@ -93,6 +99,30 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
+def resolve_adapter_dir(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
+    """The local folder of an adapter given as a folder or as a Hugging Face Hub id (`org/name`), downloaded
+    through the Hub cache (`HF_HUB_OFFLINE=1` reads the cache only). An existing local folder wins; a path that
+    cannot be a Hub id is returned as it is, for the reader to name what is missing."""
+    path = Path(name_or_path)
+    name = str(name_or_path)
+    if path.exists() or name.count("/") > 1 or name.startswith((".", "/", "~")) or "\\" in name:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # without the Hub client, only local folders
+        return path
+    try:
+        local = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token)
+    except HFValidationError:
+        return path
+    except Exception as exc:  # offline without a cached copy, unknown repository, no network, ...
+        raise FileNotFoundError(f"adapter {name} is neither a local folder nor readable from the Hugging Face "
+                                f"Hub (revision {revision or 'main'}): {type(exc).__name__}: {exc}") from exc
+    return Path(local)
+
+
 def _field(cfg: dict, key: str, path, kind=int):
     try:
         return kind(cfg[key])
@@ -107,7 +137,13 @@ def _peft_config(model: nn.Module, config: PrefixTuningConfig, layout: ModelLayo
                  merged: bool) -> dict:
     """adapter_config.json: the fields of PEFT's `PrefixTuningConfig`, so that PEFT loads the adapter."""
     token_dim = layout.num_kv_heads * layout.head_dim
+    encoder_decoder = layout.kind == "encoder-decoder"
+    extra = {"prefix_kernels_note": (
+        "encoder, decoder self- and cross-attention prefixes: PEFT's prefix tuning cannot hold them (it ties "
+        "decoder layers), so this adapter loads with prefix_kernels.PrefixModel.from_pretrained only")} \
+        if encoder_decoder else {}
     return {
+        **extra,
         "auto_mapping": None,
         "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
         "encoder_hidden_size": config.encoder_hidden_size or token_dim,
@@ -118,7 +154,7 @@ def _peft_config(model: nn.Module, config: PrefixTuningConfig, layout: ModelLayo
         "num_layers": layout.num_layers,
         "num_transformer_submodules": 1,
         "num_virtual_tokens": config.num_virtual_tokens,
-        "peft_type": "PREFIX_TUNING",
+        "peft_type": ENCODER_DECODER_PEFT_TYPE if encoder_decoder else PEFT_TYPE,
         "prefix_projection": bool(config.prefix_projection and not merged),
         "revision": None,
         "task_type": task_type_of(model),
@@ -178,8 +214,9 @@ def read_prefix_adapter(directory: str | os.PathLike, *, with_state: bool = True
     ours = read_json(d / PREFIX_KERNELS_CONFIG) if (d / PREFIX_KERNELS_CONFIG).is_file() else None
     if ours is not None and (not isinstance(ours.get("config"), dict) or "groups" not in ours):
         raise ValueError(f"{d / PREFIX_KERNELS_CONFIG} must hold the fields 'config' (an object) and 'groups'")
-    if peft.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"adapter peft_type expected 'PREFIX_TUNING', got {peft.get('peft_type')!r}")
+    ours_only = ours is not None and peft.get("peft_type") == ENCODER_DECODER_PEFT_TYPE
+    if peft.get("peft_type") != PEFT_TYPE and not ours_only:
+        raise ValueError(f"adapter peft_type expected {PEFT_TYPE!r}, got {peft.get('peft_type')!r}")
     if ours is None and peft.get("num_transformer_submodules", 1) != 1:
         raise ValueError("PEFT encoder-decoder prefix adapters (num_transformer_submodules=2, decoder layers tied) "
                          "are not supported; expected num_transformer_submodules 1, got "
@@ -308,3 +345,50 @@ def read_bank_index(directory: str | os.PathLike) -> dict[str, Path]:
             raise ValueError(f"{d / BANK_INDEX}: adapter name {name!r} appears twice")
         folders[name] = d / path
     return folders
+
+
+# ---- transformers.Trainer checkpoints: a wrapper's state_dict (AdapterStateDict) in one file ----------------
+
+CHECKPOINT_WEIGHTS = "model.safetensors"  # what transformers.Trainer writes for a model that is not a PreTrainedModel
+CHECKPOINT_META = "prefix_kernels_meta"
+
+
+def encode_meta(meta: dict) -> torch.Tensor:
+    """A JSON object as a uint8 tensor: the one way to put a config into the single tensor file Trainer writes."""
+    return torch.frombuffer(bytearray(json.dumps(meta, sort_keys=True).encode()), dtype=torch.uint8).clone()
+
+
+def decode_meta(tensor: torch.Tensor, where) -> dict:
+    try:
+        meta = json.loads(bytes(tensor.to(torch.uint8).cpu().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: tensor {CHECKPOINT_META!r} is not a JSON object: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: tensor {CHECKPOINT_META!r} must hold a JSON object")
+    return meta
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(meta, tensors) of a folder written by `transformers.Trainer` for a wrapper whose `state_dict` is an
+    `AdapterStateDict`; None when the folder holds no such file."""
+    path = Path(directory) / CHECKPOINT_WEIGHTS
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError (not exported stably) or OSError
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+    if CHECKPOINT_META not in tensors:
+        raise ValueError(f"{path} holds no {CHECKPOINT_META!r}: not a checkpoint of a prefix_kernels model (a "
+                         f"full model's weights?)")
+    meta = decode_meta(tensors.pop(CHECKPOINT_META), path)
+    for k, v in tensors.items():
+        if CHECKPOINT_META not in k and not v.is_floating_point():
+            raise TypeError(f"{path}: tensor {k!r} must be floating point, got {v.dtype}")
+    return meta, tensors
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

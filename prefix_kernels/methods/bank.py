@@ -79,6 +79,9 @@ class MultiPrefixModel(PrefixModel):
         bank = flat.view(T, P, layers, 2, Hkv, D).permute(2, 3, 0, 4, 1, 5).contiguous()
         self.register_buffer("prefix_bank", bank, persistent=False)  # [layers, 2, T, Hkv, P, D]
 
+    # A bank serves fixed prefixes and is no Trainer's model: its state_dict is nn.Module's.
+    state_dict = nn.Module.state_dict
+
     def _build_prefix(self) -> BankState:
         self.prefix_encoder = None  # the bank is the prefix
         return BankState(self.prefix_config.backend)

@@ -7,10 +7,14 @@ forward, and for encoder-decoders its encoder, which `generate` calls directly):
 - a forward pre-hook runs the prefix encoder once per step and keeps its output `[layers, 2, Hkv, P, D]` in
   this model's `PrefixState` (each attention module holds a `LayerBinding` to the state and its slot, so two
   wrapped models never share anything); the state stays until the next step, so gradient checkpointing
-  recomputes with the same prefix;
+  recomputes with the same prefix, and without autograd or dropout it is reused while the encoder's
+  parameters are unchanged (every decoding step of `generate` is a model call);
 - the same hook shifts the positions of real tokens by P (`position_offset=True`, what PEFT and the P-Tuning
   v2 code do) and derives them from the attention mask, so that left padding gives the same results as no
   padding. The prefix never enters the KV cache: the cache holds real tokens only.
+
+`state_dict()` / `load_state_dict()` hold the adapter only (`AdapterStateDict`), so that transformers.Trainer
+checkpoints are the adapter, loadable with `PrefixModel.from_pretrained(base, checkpoint_dir)`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,12 +30,15 @@ from torch import nn
 from ..ops import Backend, resolve_backend
 from ..ops.backends import unavailable_reason
 from ..transformers.attention import ATTN_IMPLEMENTATION, LayerBinding
+from ..transformers import compat, families
 from ..transformers.families import ModelLayout, default_heads, detect, task_type_of
 from . import adapter_io
 from .config import PrefixTuningConfig
 from .encoders import PrefixEncoder
-from .trainable import (TrainableParameters, freeze, model_device, requires_grad_flags, restore_requires_grad,
-                        set_trainable)
+from .peft_compat import PeftCompatMixin
+from .adapter_io import CHECKPOINT_WEIGHTS, read_checkpoint, strip_prefix
+from .trainable import (AdapterStateDict, TrainableParameters, freeze, model_device, requires_grad_flags,
+                        restore_requires_grad, set_trainable)
 
 
 class PrefixState:
@@ -42,7 +50,8 @@ class PrefixState:
     - `backend_for(device)`: the op's `Backend` record, resolved once per device for the model's lifetime.
 
     `enter`/`exit` bracket a model call (calls nest: an encoder-decoder's encoder inside its forward); the
-    prefix encoder runs on the outermost `enter`.
+    prefix encoder runs on the outermost `enter`, except that without autograd and dropout its last output is
+    reused while its parameters are unchanged (`_reuse_key`): `generate` runs it once, not once per token.
     """
 
     def __init__(self, encoder: nn.Module | None, backend_name: str | None):
@@ -53,11 +62,14 @@ class PrefixState:
         self._kv: torch.Tensor | None = None
         self._kv_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         self._backends: dict[torch.device, Backend] = {}
+        self._kv_key: tuple | None = None
 
-    def set_kv(self, kv: torch.Tensor | None) -> None:
-        """The prefix of every layer, `[layers, 2, ...]`, for the steps to come (None: none)."""
+    def set_kv(self, kv: torch.Tensor | None, key: tuple | None = None) -> None:
+        """The prefix of every layer, `[layers, 2, ...]`, for the steps to come (None: none). `key`: what it
+        was computed from, when it may be reused (`begin_step`)."""
         self._kv = kv
         self._kv_by_dtype = {}
+        self._kv_key = key
 
     def enter(self) -> None:
         if self.depth == 0:
@@ -68,7 +80,27 @@ class PrefixState:
         self.depth = max(0, self.depth - 1)
 
     def begin_step(self) -> None:
-        self.set_kv(self.encoder())
+        key = self._reuse_key()
+        if key is None or key != self._kv_key:
+            self.set_kv(self.encoder(), key)
+
+    def _reuse_key(self) -> tuple | None:
+        """Without autograd and without active dropout the encoder is a pure function of its parameters, so
+        its output is kept across calls (every decoding step of `generate` is a model call) until a parameter changes:
+        in place (`_version`: optimizer steps, `load_state_dict`, `copy_`), replaced, moved or cast. None: the
+        output must be computed (active dropout; autograd: the graph belongs to one step)."""
+        if torch.is_grad_enabled() or self.encoder is None:
+            return None
+        if self.encoder.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.encoder.modules()):
+            return None
+        params = list(self.encoder.parameters())
+        if not params:
+            return None
+        kind = params[0].device.type
+        autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) \
+            if torch.amp.is_autocast_available(kind) else None
+        tensors = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params)
+        return self.encoder.training, torch.is_inference_mode_enabled(), autocast, tensors
 
     def layer_prefix(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self._kv_by_dtype.get(dtype)
@@ -112,6 +144,7 @@ def refuse_static_cache_generation(model: nn.Module, kwargs: dict) -> None:
 
 def validate_positions(layout: ModelLayout, num_virtual_tokens: int, position_offset: bool) -> None:
     """Can this model's real tokens be shifted by P positions (`position_offset`)?"""
+    families.check_position_offset(layout, position_offset)
     if not position_offset:
         return
     if layout.position_style == "none" and (layout.rope or layout.max_positions):
@@ -160,13 +193,15 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch
         getattr(model.get_submodule(module_name), leaf).copy_(value.to(device))
 
 
-class PrefixModel(TrainableParameters):
+class PrefixModel(PeftCompatMixin, AdapterStateDict, TrainableParameters):
     """A transformers model with a trainable prefix on every attention layer, computed by the fused op.
 
     Use `prefix_kernels.get_prefix_model(model, config)` to build one and `PrefixModel.from_pretrained(model,
     adapter_dir)` to load a saved adapter. It keeps the model's API (`forward`, `generate`, `config`, ...:
     attributes it does not define are the base model's) and adds `save_pretrained`, `export_merged`,
     `print_trainable_parameters` and `unload` (which restores the original attention and returns the model).
+    `state_dict()` is the adapter (prefix encoder, trainable heads, the config), not the frozen base model:
+    what transformers.Trainer checkpoints (see `AdapterStateDict`).
     """
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, *, layout: ModelLayout | None = None):
@@ -178,6 +213,7 @@ class PrefixModel(TrainableParameters):
         self.heads = heads
         self._state = self._build_prefix()
         self._patch()
+        self._register_adapter_state_hooks()
         # Expose the base model's forward signature (the HF Trainer reads it to choose the input columns).
         self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
 
@@ -197,8 +233,8 @@ class PrefixModel(TrainableParameters):
         self._requires_grad = requires_grad_flags(model)
         freeze(model)
         set_trainable([model.get_submodule(name) for name in self.heads], True)
-        self._original_attn = model.config._attn_implementation
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self._original_attn = families.current_attn_implementation(model)
+        model.set_attn_implementation(self.layout.attn_implementation)
         for slot, (_, module) in enumerate(self.layout.attention_modules):
             module._prefix_kernels = LayerBinding(self._state, slot)
         self._signature = inspect.signature(model.forward)
@@ -281,7 +317,10 @@ class PrefixModel(TrainableParameters):
 
     def _positions(self, kw: dict) -> torch.Tensor | None:
         """The position_ids of this call's tokens: the caller's, or the model's own numbering (from the
-        attention mask when it covers the cache and the new tokens), real tokens shifted by the offset."""
+        attention mask when it covers the cache and the new tokens), real tokens shifted by the offset. With
+        the adapter disabled, the base model's own: the caller's position_ids or none."""
+        if self._prefix_disabled:
+            return kw.get("position_ids")
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
@@ -333,19 +372,19 @@ class PrefixModel(TrainableParameters):
                 f"virtual tokens")
 
     def _shift_embed_positions(self, module, args, kwargs):
-        # BART-style learned positions: forward(input_ids, cache_length=0, position_ids=None), position_ids 1D.
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        cache_length = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            seq_len = input_ids.shape[1]
-            position_ids = torch.arange(cache_length, cache_length + seq_len, device=module.weight.device)
-        position_ids = position_ids + self.prefix_config.num_virtual_tokens
-        self._check_positions(position_ids, position_ids.shape[-1])
-        return (input_ids,), {"cache_length": cache_length, "position_ids": position_ids}
+        # BART-style learned positions, whose forward takes the cache length under a version-dependent name.
+        if self._prefix_disabled:
+            return None
+        return compat.shift_learned_positions(module, args, kwargs, self.prefix_config.num_virtual_tokens,
+                                              self._check_positions)
 
     # ------------------------------------------------------------------ the model's API
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, labels=None, **kwargs):
+        # `labels` is named here because transformers.Trainer finds the label columns in the class's forward
+        # (`find_labels`), and without them reports no eval_loss; an instance's `forward` has the base model's
+        # signature (for the Trainer's input columns).
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -363,6 +402,13 @@ class PrefixModel(TrainableParameters):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Refused: the prefix lives in the "prefix_kernels" attention function, so another implementation
+        would drop it without a word."""
+        raise ValueError(f"{type(self).__name__} runs its prefix in the {ATTN_IMPLEMENTATION!r} attention "
+                         f"implementation; set_attn_implementation({attn_implementation!r}) would drop the prefix. "
+                         f"Call unload() to get the base model back first.")
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
         """Enable gradient (activation) checkpointing in the base model. Non-reentrant only: every layer's
         prefix comes from one prefix-encoder graph, which reentrant checkpointing would back-propagate through
@@ -371,11 +417,22 @@ class PrefixModel(TrainableParameters):
         if ckpt.setdefault("use_reentrant", False):
             raise ValueError("PrefixModel supports non-reentrant gradient checkpointing only: expected "
                              "use_reentrant=False, got True")
-        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        compat.enable_activation_checkpointing(self.base_model, ckpt, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
         """Alias of `activation_checkpointing_enable` (transformers' older name)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the base model's loss takes `num_items_in_batch` (transformers.Trainer then leaves the
+        gradient-accumulation scaling to it). Trainer assumes so for any forward with `**kwargs`, but
+        classification heads and several LM heads compute a plain per-batch mean, which accumulation would then
+        add up instead of averaging: True only where the loss goes through transformers' `loss_function`."""
+        own = getattr(type(self.base_model), "accepts_loss_kwargs", None)
+        if own is not None:
+            return bool(own)
+        return _loss_takes_num_items(type(self.base_model))
 
     @property
     def task_type(self) -> str:
@@ -387,11 +444,18 @@ class PrefixModel(TrainableParameters):
         with torch.no_grad():
             return self.prefix_encoder.prompt_embeddings().detach().float().cpu().contiguous()
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True,
+                        is_main_process: bool = True, state_dict: dict | None = None, **kwargs) -> None:
         """Write PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors` with
         `prompt_embeddings [P, layers*2*Hkv*D]`), plus `prefix_kernels_config.json` and, in
         `prefix_kernels_state.safetensors`, the trainable head weights and (with `training_state`) the full
-        prefix encoder, MLP included, so that training resumes exactly."""
+        prefix encoder, MLP included, so that training resumes exactly.
+
+        Takes the keyword arguments PEFT's and transformers' `save_pretrained` take: nothing is written when
+        `is_main_process` is False; `state_dict`, `safe_serialization` (always safetensors), `selected_adapters`
+        (one adapter) and the hub arguments are accepted and not used: the adapter is read from the model."""
+        if not is_main_process:
+            return
         adapter_io.save_prefix_adapter(
             save_directory, model=self.base_model, config=self.prefix_config, layout=self.layout,
             prompt_embeddings=self.merged_prompt_embeddings(), heads=self.heads,
@@ -403,10 +467,27 @@ class PrefixModel(TrainableParameters):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False,
-                        backend: str | None = None) -> "PrefixModel":
-        """Load an adapter saved by `save_pretrained` / `export_merged` or by PEFT (prefix tuning) onto `model`.
-        Everything is checked against the model before it is modified."""
-        files = adapter_io.read_prefix_adapter(adapter_dir)
+                        backend: str | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> "PrefixModel":
+        """Load an adapter saved by `save_pretrained` / `export_merged` or by PEFT (prefix tuning) onto `model`:
+        a folder, or a Hugging Face Hub id (`org/name`; a local folder of that name wins). Everything is
+        checked against the model before it is modified."""
+        adapter_dir = adapter_io.resolve_adapter_dir(adapter_dir, revision=revision, cache_dir=cache_dir, token=token)
+        return cls._from_files(model, cls._read_files(adapter_dir), is_trainable=is_trainable, backend=backend)
+
+    @staticmethod
+    def _read_files(adapter_dir) -> adapter_io.PrefixAdapterFiles:
+        """An adapter folder (`save_pretrained`, PEFT) or a `transformers.Trainer` checkpoint / `save_model`
+        folder (its `model.safetensors` is this model's `state_dict`)."""
+        if not (Path(adapter_dir) / adapter_io.ADAPTER_CONFIG).is_file():
+            checkpoint = read_checkpoint(adapter_dir)
+            if checkpoint is not None:
+                return checkpoint_files(adapter_dir, *checkpoint)
+        return adapter_io.read_prefix_adapter(adapter_dir)
+
+    @classmethod
+    def _from_files(cls, model: nn.Module, files: adapter_io.PrefixAdapterFiles, *, is_trainable: bool,
+                    backend: str | None) -> "PrefixModel":
         config = adapter_io.prefix_config_from(files, backend=backend)
         layout = detect(model)
         adapter_io.check_prefix_adapter(files, config, model, layout)
@@ -436,6 +517,70 @@ class PrefixModel(TrainableParameters):
             pm.unload()
             raise
         return pm
+
+    # ------------------------------------------------------------------ Trainer checkpoints (state_dict)
+    def _adapter_modules(self) -> list[str]:
+        return ["prefix_encoder", *(f"base_model.{name}" for name in self.heads)]
+
+    def _adapter_meta(self) -> dict:
+        layout = self.layout
+        return {"kind": "prefix", "config": self.prefix_config.to_dict(), "model_type": layout.model_type,
+                "groups": [list(g) for g in layout.groups], "num_layers": layout.num_layers,
+                "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim, "heads": list(self.heads)}
+
+    @staticmethod
+    def _meta_matches(saved: dict, own: dict) -> bool:
+        # What gives the tensors their meaning (with the layout and the heads); the backend, the dropout and the
+        # initialisation may change between runs.
+        def meaning(meta):
+            config = meta.get("config") or {}
+            return {**meta, "config": {k: config.get(k) for k in _CHECKPOINT_FIELDS}}
+        return meaning(saved) == meaning(own)
+
+
+_CHECKPOINT_FIELDS = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "position_offset")
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_takes_num_items(model_class: type) -> bool:
+    """Causal LMs whose forward computes its loss with transformers' `loss_function` (which divides by
+    `num_items_in_batch` when given); not knowable from the signature."""
+    if not model_class.__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return False
+    try:
+        return "self.loss_function(" in inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def checkpoint_files(directory, meta: dict, state: dict[str, torch.Tensor]) -> adapter_io.PrefixAdapterFiles:
+    """The adapter files a PrefixModel `state_dict` stands for (`_adapter_meta` + its tensors)."""
+    path = Path(directory) / CHECKPOINT_WEIGHTS
+    if meta.get("kind") != "prefix" or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path} is not a PrefixModel checkpoint (kind {meta.get('kind')!r})")
+    try:
+        P, layers = int(meta["config"]["num_virtual_tokens"]), int(meta["num_layers"])
+        Hkv, D = int(meta["num_kv_heads"]), int(meta["head_dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the checkpoint's {exc} is missing or invalid") from None
+    encoder_state = strip_prefix(state, "prefix_encoder.")
+    cfg = meta["config"]
+    probe = PrefixEncoder(P, layers, Hkv, D, projection=bool(cfg.get("prefix_projection")),
+                          encoder_hidden_size=cfg.get("encoder_hidden_size"))
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in encoder_state.items()}
+    if expected != got:
+        raise ValueError(f"{path}: prefix encoder tensors expected {expected}, got {got}")
+    with torch.no_grad():
+        probe.load_state_dict(encoder_state)
+        prompt_embeddings = probe.prompt_embeddings().float()
+    peft = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": P, "num_layers": layers,
+            "num_attention_heads": Hkv, "token_dim": Hkv * D}
+    ours = {"config": cfg, "model_type": meta.get("model_type"), "groups": meta.get("groups"),
+            "num_kv_heads": Hkv, "head_dim": D, "heads": meta.get("heads", []), "training_state": True}
+    return adapter_io.PrefixAdapterFiles(directory=Path(directory), peft=peft, ours=ours,
+                                         prompt_embeddings=prompt_embeddings, encoder_state=encoder_state,
+                                         head_state=strip_prefix(state, "base_model."))
 
 
 def get_prefix_model(model: nn.Module, config: PrefixTuningConfig) -> PrefixModel:

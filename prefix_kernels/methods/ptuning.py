@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transformers.modeling_outputs import SequenceClassifierOutput
+
 from . import adapter_io
-from .adapter_io import ADAPTER_WEIGHTS, PTUNING_CONFIG, PTUNING_ENCODER
+from .adapter_io import ADAPTER_WEIGHTS, PTUNING_CONFIG, PTUNING_ENCODER, read_checkpoint, strip_prefix
 from .config import DictConfig
 from .pooling import last_real_token
-from .trainable import (TrainableParameters, freeze, requires_grad_flags, restore_requires_grad,
+from .trainable import (AdapterStateDict, TrainableParameters, freeze, requires_grad_flags, restore_requires_grad,
                         set_trainable)
 
 REPARAMETERIZATIONS = ("lstm", "mlp", "none")
@@ -117,7 +119,7 @@ class PromptEncoder(nn.Module):
         return x
 
 
-class PTuningModel(TrainableParameters):
+class PTuningModel(AdapterStateDict, TrainableParameters):
     """A frozen masked or causal LM with P-Tuning v1 virtual tokens placed by a template.
 
     `encode(examples)` turns dicts of fields into `input_ids`, `attention_mask`, `virtual_mask` (and
@@ -125,6 +127,9 @@ class PTuningModel(TrainableParameters):
     output and calls the model on `inputs_embeds`; `classify(**batch)` gives `[B, C]` verbalizer logits
     (and the loss with `labels`); `generate(**batch, ...)` continues the prompt (causal LMs).
     """
+
+    # Class labels get a mean loss computed here: transformers.Trainer must scale it for gradient accumulation.
+    accepts_loss_kwargs = False
 
     def __init__(self, model: nn.Module, tokenizer, config: PTuningConfig):
         super().__init__()
@@ -158,6 +163,7 @@ class PTuningModel(TrainableParameters):
             self.label_word_ids = torch.tensor(ids)
         placeholder = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
         self._placeholder = int(placeholder if placeholder is not None else 0)
+        self._register_adapter_state_hooks()
 
     # ------------------------------------------------------------------ templates
     def _pieces(self):
@@ -286,6 +292,12 @@ class PTuningModel(TrainableParameters):
         return torch.where(virtual_mask.unsqueeze(-1), prompts[order], words)
 
     def forward(self, input_ids, virtual_mask, attention_mask=None, labels=None, mask_index=None, **kwargs):
+        """The model on the prompt. `labels` `[B, S]` (token labels, e.g. from `encode(..., targets=...)`): the
+        model's own loss. `labels` `[B]` (one class per row): `classify`'s verbalizer loss, with its scores as
+        `logits` `[B, C]`, so that `encode` + class labels is a batch for transformers.Trainer."""
+        if labels is not None and labels.ndim == 1:
+            loss, scores = self.classify(input_ids, virtual_mask, attention_mask, labels, mask_index)
+            return SequenceClassifierOutput(loss=loss, logits=scores)
         embeds = self.embed(input_ids, virtual_mask)
         return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -313,16 +325,35 @@ class PTuningModel(TrainableParameters):
         embeds = self.embed(input_ids, virtual_mask)
         return self.base_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Gradient checkpointing in the (frozen) model; the prompt encoder runs once per step outside it."""
+        ckpt = dict(activation_checkpointing_kwargs or {})
+        ckpt.setdefault("use_reentrant", False)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     # ------------------------------------------------------------------ parameters, save/load
+    def _adapter_modules(self) -> list[str]:
+        return ["prompt_encoder"]
+
+    def _adapter_meta(self) -> dict:
+        return {"kind": "ptuning", "config": self.ptuning_config.to_dict(), "token_dim": self.prompt_encoder.token_dim}
 
     def prompt_embeddings(self) -> torch.Tensor:
         """The final virtual-token embeddings `[P, d]` (encoder applied)."""
         with torch.no_grad():
             return self.prompt_encoder().detach().float().cpu().contiguous()
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True,
+                        is_main_process: bool = True, **kwargs) -> None:
         """`ptuning_config.json`, `adapter_model.safetensors` (`prompt_embeddings [P, d]`, the encoder's output)
-        and, with `training_state`, `prompt_encoder.safetensors` (the full encoder, to resume training)."""
+        and, with `training_state`, `prompt_encoder.safetensors` (the full encoder, to resume training).
+        Nothing is written when `is_main_process` is False; the other keyword arguments of transformers' and
+        PEFT's `save_pretrained` are accepted and not used."""
+        if not is_main_process:
+            return
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = self.ptuning_config.to_dict()
@@ -366,8 +397,17 @@ class PTuningModel(TrainableParameters):
 def _read_ptuning_adapter(d: Path, model: nn.Module) -> tuple[PTuningConfig, dict[str, torch.Tensor]]:
     """The config and prompt-encoder state of a P-Tuning v1 adapter, checked against the model's embedding
     size: the full encoder when saved with the training state, else the final embeddings as the table of an
-    unparameterized encoder."""
-    meta = adapter_io.read_json(d / PTUNING_CONFIG)
+    unparameterized encoder. A transformers.Trainer checkpoint (`model.safetensors`, the model's `state_dict`)
+    holds the full encoder."""
+    checkpoint = None if (d / PTUNING_CONFIG).is_file() else read_checkpoint(d)
+    if checkpoint is not None:
+        meta, state = checkpoint
+        if meta.get("kind") != "ptuning":
+            raise ValueError(f"{d} is not a PTuningModel checkpoint (kind {meta.get('kind')!r})")
+        tensors = strip_prefix(state, "prompt_encoder.")
+    else:
+        meta = adapter_io.read_json(d / PTUNING_CONFIG)
+        tensors = None
     try:
         config = PTuningConfig.from_dict(meta["config"])
         saved_dim = int(meta["token_dim"])
@@ -376,6 +416,8 @@ def _read_ptuning_adapter(d: Path, model: nn.Module) -> tuple[PTuningConfig, dic
     token_dim = model.get_input_embeddings().weight.shape[1]
     if saved_dim != token_dim:
         raise ValueError(f"adapter does not fit this model: token_dim expected {token_dim}, got {saved_dim}")
+    if tensors is not None:
+        return config, tensors
     if (d / PTUNING_ENCODER).is_file():
         return config, adapter_io.read_safetensors(d / PTUNING_ENCODER)
     config.encoder_reparameterization_type = "none"

@@ -27,25 +27,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transformers.utils import ModelOutput
+
 from . import adapter_io
 from .config import PrefixTuningConfig
 from .pooling import last_real_token
-from .prefix_model import PrefixModel, get_prefix_model
-from .trainable import TrainableParameters, model_device, set_trainable
+from .prefix_model import PrefixModel, checkpoint_files, get_prefix_model
+from .adapter_io import CHECKPOINT_META, decode_meta, read_checkpoint, strip_prefix
+from .trainable import (AdapterStateDict, TrainableParameters, model_device, set_trainable)
 
 TASK_KINDS = ("seq", "tok")
 POOLINGS = ("auto", "cls", "pooler", "mean", "last")
 
 
 @dataclass
-class TaskOutput:
+class TaskOutput(ModelOutput):
     """`loss` (mean over the rows of all tasks, each task's rows weighted by their count), `logits` (a tensor
     when the batch holds one task: `[B, C]` or `[B, S, C]`; else a dict task name -> logits of its rows) and
-    `rows` (task name -> indices of its rows in the batch)."""
+    `rows` (task name -> indices of its rows in the batch). A `ModelOutput`, as transformers.Trainer expects
+    (`out["loss"]`, `out[0]`)."""
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | dict
-    rows: dict
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | dict | None = None
+    rows: dict | None = None
 
 
 def _normalize_tasks(tasks) -> dict[str, tuple[str, int]]:
@@ -64,7 +68,7 @@ def _normalize_tasks(tasks) -> dict[str, tuple[str, int]]:
     return out
 
 
-class PrefixTaskModel(TrainableParameters):
+class PrefixTaskModel(AdapterStateDict, TrainableParameters):
     """Frozen backbone + shared fused prefix + one head per task (P-Tuning v2).
 
     Args:
@@ -76,6 +80,9 @@ class PrefixTaskModel(TrainableParameters):
         pooling: see the module docstring.
         classifier_dropout: dropout before the heads (default: the backbone's `hidden_dropout_prob` or 0.1).
     """
+
+    # The loss is a mean over this batch's rows: transformers.Trainer must scale it for gradient accumulation.
+    accepts_loss_kwargs = False
 
     def __init__(self, backbone: nn.Module, config: PrefixTuningConfig | None, tasks, *, pooling: str = "auto",
                  classifier_dropout: float | None = None):
@@ -106,6 +113,7 @@ class PrefixTaskModel(TrainableParameters):
         self.dropout = nn.Dropout(self.classifier_dropout)
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, (_, n) in self.tasks.items()})
         self.heads.to(model_device(base))
+        self._register_adapter_state_hooks()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -188,30 +196,60 @@ class PrefixTaskModel(TrainableParameters):
             return TaskOutput(loss, next(iter(logits.values())), rows_out)
         return TaskOutput(loss, logits, rows_out)
 
-    # ------------------------------------------------------------------ parameters, save/load
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Gradient checkpointing in the backbone (non-reentrant only; see `PrefixModel`)."""
+        self.prefix_model.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        self.prefix_model.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------ parameters, save/load
+    def _adapter_modules(self) -> list[str]:
+        return ["prefix_model", "heads"]
+
+    def _adapter_meta(self) -> dict:
+        return {"kind": "tasks", **self._task_spec()}
+
+    def _task_spec(self) -> dict:
+        return {"tasks": {k: list(v) for k, v in self.tasks.items()}, "pooling": self.pooling,
+                "classifier_dropout": self.classifier_dropout}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, training_state: bool = True,
+                        is_main_process: bool = True, **kwargs) -> None:
         """The prefix in PEFT's format (see `PrefixModel.save_pretrained`) + `task_heads.safetensors` +
-        `task_config.json` (tasks, pooling, dropout)."""
+        `task_config.json` (tasks, pooling, dropout). Other keyword arguments as `PrefixModel.save_pretrained`."""
+        if not is_main_process:
+            return
         d = Path(save_directory)
         self.prefix_model.save_pretrained(d, training_state=training_state)
         adapter_io.write_safetensors(d / adapter_io.TASK_HEADS, self.heads.state_dict())
-        adapter_io.write_json(d / adapter_io.TASK_CONFIG, {
-            "tasks": {k: list(v) for k, v in self.tasks.items()}, "pooling": self.pooling,
-            "classifier_dropout": self.classifier_dropout})
+        adapter_io.write_json(d / adapter_io.TASK_CONFIG, self._task_spec())
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False,
                         backend: str | None = None) -> "PrefixTaskModel":
-        """Load a task model saved by `save_pretrained` onto `backbone`. The files are read first; if building
-        the model still fails, the backbone is unwrapped again."""
+        """Load a task model saved by `save_pretrained` (or a transformers.Trainer checkpoint of one) onto
+        `backbone`. The files are read first; if building the model still fails, the backbone is unwrapped
+        again."""
         d = Path(adapter_dir)
-        spec = adapter_io.read_json(d / adapter_io.TASK_CONFIG)
+        checkpoint = None if (d / adapter_io.TASK_CONFIG).is_file() else read_checkpoint(d)
+        if checkpoint is not None:
+            spec, state = checkpoint
+            if spec.get("kind") != "tasks":
+                raise ValueError(f"{d} is not a PrefixTaskModel checkpoint (kind {spec.get('kind')!r})")
+            head_state = strip_prefix(state, "heads.")
+            inner = strip_prefix(state, "prefix_model.")
+            if CHECKPOINT_META not in inner:
+                raise ValueError(f"{d}: the checkpoint holds no prefix_model.{CHECKPOINT_META}")
+            files = checkpoint_files(d, decode_meta(inner.pop(CHECKPOINT_META), d), inner)
+        else:
+            spec = adapter_io.read_json(d / adapter_io.TASK_CONFIG)
+            head_state = adapter_io.read_safetensors(d / adapter_io.TASK_HEADS)
+            files = PrefixModel._read_files(d)
         missing = [k for k in ("tasks", "pooling", "classifier_dropout") if k not in spec]
         if missing:
             raise ValueError(f"adapter file {d / adapter_io.TASK_CONFIG} is missing the fields {missing}")
-        head_state = adapter_io.read_safetensors(d / adapter_io.TASK_HEADS)
-        prefix_model = PrefixModel.from_pretrained(backbone, d, is_trainable=is_trainable, backend=backend)
+        prefix_model = PrefixModel._from_files(backbone, files, is_trainable=is_trainable, backend=backend)
         try:
             model = cls(prefix_model, None, spec["tasks"], pooling=spec["pooling"],
                         classifier_dropout=float(spec["classifier_dropout"]))

@@ -7,7 +7,7 @@ the attention modules are the methods' (`prefix_kernels.methods`); nothing here 
 
 from .attention import (ATTN_IMPLEMENTATION, LayerBinding, PrefixMask, PrefixSource, prefix_attention_forward,
                         prefix_mask_function)
-from .families import FAMILIES, UNSUPPORTED, ModelLayout, detect
+from .families import FAMILIES, UNSUPPORTED, ModelLayout, check_position_offset, detect
 
 __all__ = ["ATTN_IMPLEMENTATION", "FAMILIES", "LayerBinding", "ModelLayout", "PrefixMask", "PrefixSource",
-           "UNSUPPORTED", "detect", "prefix_attention_forward", "prefix_mask_function"]
+           "UNSUPPORTED", "check_position_offset", "detect", "prefix_attention_forward", "prefix_mask_function"]

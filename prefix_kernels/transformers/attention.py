@@ -18,49 +18,89 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from ..ops import Backend, prefix_attention
+from .compat import mask_query_shape, module_scaling
 
 ATTN_IMPLEMENTATION = "prefix_kernels"
 
-# Keyword arguments some families pass to attention functions that the fused op has no equivalent for.
-_UNSUPPORTED_KWARGS = {
+# Keyword arguments transformers hands attention functions that the fused op honours (is_causal, via the
+# mask and the module) or that do not change the attention (bookkeeping the model passes down to every
+# layer); any other keyword is refused by name, so that a model feature the op cannot apply never runs
+# silently without it.
+_HARMLESS_KWARGS = frozenset({
+    "position_ids", "cache_position", "is_causal", "use_cache", "output_attentions", "output_hidden_states",
+    "output_router_logits", "return_dict", "num_items_in_batch", "layer_idx", "past_key_values",
+    "encoder_hidden_states", "encoder_attention_mask", "token_type_ids",
+    # flash-attn's flag for a deterministic backward (ModernBERT); the fused op is deterministic by default
+    "deterministic",
+})
+# Features some families pass as keywords; None (or False) means the feature is off for this call.
+_FEATURE_KWARGS = {
     "sliding_window": "sliding-window attention",
     "softcap": "attention logit soft-capping",
     "position_bias": "an additive position bias",
     "s_aux": "attention sinks",
     "cu_seq_lens_q": "packed (varlen) sequences",
+    "cu_seq_lens_k": "packed (varlen) sequences",
+    "max_length_q": "packed (varlen) sequences",
+    "max_length_k": "packed (varlen) sequences",
+    "seq_idx": "packed (varlen) sequences",
+    "head_mask": "a head mask",
 }
+
+
+def check_attention_kwargs(kwargs: dict) -> None:
+    """Refuse every attention keyword the fused op neither honours nor knows to be harmless."""
+    for name, value in kwargs.items():
+        if name in _HARMLESS_KWARGS:
+            continue
+        if name in _FEATURE_KWARGS:
+            if value is None or value is False:
+                continue
+            raise NotImplementedError(f"prefix_kernels does not support {_FEATURE_KWARGS[name]} "
+                                      f"({name}={value!r})")
+        raise NotImplementedError(
+            f"prefix_kernels does not know the attention keyword argument {name!r} this model passes "
+            f"(value {type(value).__name__}); the fused op cannot tell whether ignoring it changes the attention")
 
 
 @dataclass(frozen=True)
 class PrefixMask:
     """The compact mask handed to the fused op: `key_padding_mask` bool `[B, S]` (True = real token; None
-    without an attention mask) and `causal`. The prefix is never masked."""
+    without an attention mask) and `causal`. The prefix is never masked. `unsupported`: why the op cannot
+    apply the mask transformers asked for; raised by the layers that use it, since models build masks they
+    may not use (ModernBERT builds a sliding-window mask even when every layer is global)."""
 
     key_padding_mask: torch.Tensor | None
     causal: bool
+    unsupported: str | None = None
 
 
 def prefix_mask_function(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=causal_mask_function,
     attention_mask: torch.Tensor | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs,
 ) -> PrefixMask:
+    # transformers < 5.4 passes cache_position instead of q_length / q_offset.
+    q_length, q_offset = mask_query_shape(q_length, q_offset, cache_position)
+    if kv_length is None:
+        raise TypeError("the mask function needs kv_length")
+    if kv_offset:
+        return PrefixMask(None, True, f"prefix_kernels does not support a key offset (sliding caches), got {kv_offset}")
     if mask_function is causal_mask_function:
         causal = True
     elif mask_function is bidirectional_mask_function:
         causal = False
     else:
-        raise NotImplementedError(
+        return PrefixMask(None, True, (
             "prefix_kernels supports causal and bidirectional attention with key padding; this model asked for "
             f"another mask pattern ({getattr(mask_function, '__name__', mask_function)!r}: sliding window, "
-            "packed sequences or a custom overlay)")
-    if kv_offset:
-        raise NotImplementedError(f"prefix_kernels does not support a key offset (sliding caches), got {kv_offset}")
+            "packed sequences or a custom overlay)"))
     padding = None
     if attention_mask is not None:
         if attention_mask.ndim != 2:
@@ -108,11 +148,11 @@ def prefix_attention_forward(
         raise RuntimeError(
             f"attention implementation {ATTN_IMPLEMENTATION!r} is set on a module that is not part of a "
             "PrefixModel; wrap the model with prefix_kernels.get_prefix_model(model, config)")
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"prefix_kernels does not support {what} ({name}={kwargs[name]!r})")
+    check_attention_kwargs(kwargs)
 
     if isinstance(attention_mask, PrefixMask):
+        if attention_mask.unsupported:
+            raise NotImplementedError(attention_mask.unsupported)
         padding, causal = attention_mask.key_padding_mask, attention_mask.causal
     elif attention_mask is None:
         padding = None
@@ -132,6 +172,13 @@ def prefix_attention_forward(
     if padding is not None and padding.device != query.device:
         padding = padding.to(query.device)
 
+    if scaling is None:
+        scaling = module_scaling(module, query.shape[-1])
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What SDPA does under autocast: RoPE leaves q and k in fp32 while v comes out of a bf16 matmul.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     state = binding.state
     prefix_k, prefix_v = state.layer_prefix(binding.slot, query.dtype)
     # A state serving several prefixes (MultiPrefixModel) says which one each row reads.

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention import ATTN_IMPLEMENTATION
+
 
 @dataclass(frozen=True)
 class Family:
@@ -70,6 +72,11 @@ class ModelLayout:
     max_positions: int | None = None  # size of the absolute position table (None: no limit)
     padding_idx: int | None = None  # RoBERTa-style positions
     position_modules: list[nn.Module] = field(default_factory=list, repr=False)
+    # What the position offset cannot shift (a description), when the model has positions no hook moves.
+    unshiftable_positions: str | None = None
+    # The argument of `model.set_attn_implementation`: the name, or `{sub-config: name}` when only the
+    # sub-model that owns the prefix (the language model of a vision-language model) may use it.
+    attn_implementation: str | dict = ATTN_IMPLEMENTATION
 
     @property
     def num_layers(self) -> int:
@@ -77,9 +84,31 @@ class ModelLayout:
 
 
 def _is_attention_module(module: nn.Module) -> bool:
+    """A module that calls the attention interface: it carries `is_causal` and its scale (`scaling`), or,
+    as ModernBERT's, passes the scale per call and names itself an attention with a `head_dim`."""
     from transformers import PreTrainedModel
 
-    return (not isinstance(module, PreTrainedModel) and hasattr(module, "is_causal") and hasattr(module, "scaling"))
+    if isinstance(module, PreTrainedModel) or not hasattr(module, "is_causal"):
+        return False
+    return hasattr(module, "scaling") or (type(module).__name__.endswith("Attention") and hasattr(module, "head_dim"))
+
+
+def _text_submodel(model: nn.Module) -> tuple[str | None, str]:
+    """For a model with sub-configs (vision-language models): the sub-config key and the qualified name of
+    the sub-model that owns the text config; (None, "") when the model is its own text model."""
+    from transformers import PreTrainedModel
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is config:
+        return None, ""
+    key = next((k for k in getattr(type(config), "sub_configs", {}) if getattr(config, k, None) is text_config), None)
+    if key is None:
+        return None, ""
+    for name, module in model.named_modules():
+        if name and isinstance(module, PreTrainedModel) and module.config is text_config:
+            return key, name
+    return None, ""
 
 
 def _is_cross(name: str, module: nn.Module) -> bool:
@@ -100,6 +129,13 @@ def _kv_heads_and_head_dim(config) -> tuple[int, int, list[str]]:
             problems.append(f"encoder and decoder must have the same number of attention heads, got {enc} and {dec}")
     if not head_dim or not kv_heads:
         problems.append("could not read num_attention_heads / hidden_size / head_dim from the model config")
+    qk_head_dim = getattr(config, "qk_head_dim", None) or (
+        (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0))
+    v_head_dim = getattr(config, "v_head_dim", None)
+    if v_head_dim and qk_head_dim and v_head_dim != qk_head_dim:
+        problems.append(f"attention with different key and value head sizes (multi-head latent attention: "
+                        f"qk_head_dim {qk_head_dim}, v_head_dim {v_head_dim}) is not supported: the fused op "
+                        f"takes one head size for keys and values")
     return kv_heads, head_dim, problems
 
 
@@ -120,9 +156,13 @@ def detect(model: nn.Module) -> ModelLayout:
                          f"op. Supported: {supported_families_text()}")
 
     enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    # Only the text model takes the prefix; other towers (vision) keep their own attention.
+    text_key, text_root = _text_submodel(model)
     buckets: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         if not _is_attention_module(module):
+            continue
+        if text_root and not name.startswith(text_root + "."):
             continue
         parts = name.split(".")
         if _is_cross(name, module):
@@ -150,9 +190,29 @@ def detect(model: nn.Module) -> ModelLayout:
     kind = family.kind if family else ("encoder-decoder" if enc_dec else
                                        ("decoder" if any(m.is_causal for _, m in modules) else "encoder"))
     layout = ModelLayout(model_type=model_type, kind=kind, groups=groups, attention_modules=modules,
-                         num_kv_heads=int(kv_heads), head_dim=int(head_dim))
+                         num_kv_heads=int(kv_heads), head_dim=int(head_dim),
+                         attn_implementation={text_key: ATTN_IMPLEMENTATION} if text_key else ATTN_IMPLEMENTATION)
     _find_positions(model, layout)
     return layout
+
+
+def current_attn_implementation(model: nn.Module) -> str | dict:
+    """The model's attention implementation in the form `set_attn_implementation` takes back: per sub-config
+    when it has sub-configs, so that restoring it leaves each tower as it was."""
+    config = model.config
+    keys = [k for k in getattr(type(config), "sub_configs", {})
+            if hasattr(getattr(config, k, None), "_attn_implementation")]
+    if not keys:
+        return config._attn_implementation
+    return {"": config._attn_implementation, **{k: getattr(config, k)._attn_implementation for k in keys}}
+
+
+def check_position_offset(layout: ModelLayout, position_offset: bool) -> None:
+    """Refuse `position_offset=True` for a model whose positions the wrapper cannot shift."""
+    if position_offset and layout.unshiftable_positions:
+        raise ValueError(f"position_offset=True needs to shift the positions of real tokens by P, but "
+                         f"{layout.model_type} has {layout.unshiftable_positions}, which take no position_ids: "
+                         f"use position_offset=False")
 
 
 def _find_positions(model: nn.Module, layout: ModelLayout) -> None:
@@ -171,6 +231,7 @@ def _find_positions(model: nn.Module, layout: ModelLayout) -> None:
             if last == "embed_positions" and hasattr(module, "offset"):
                 offset_modules.append(module)
     layout.max_positions = min(tables) if tables else None
+    sinusoidal = sorted({type(m).__name__ for m in model.modules() if "Sinusoidal" in type(m).__name__})
     accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
     if roberta_style is not None and accepts_position_ids:
         layout.position_style = "roberta"
@@ -183,6 +244,8 @@ def _find_positions(model: nn.Module, layout: ModelLayout) -> None:
         layout.position_style = "position_ids"
     else:
         layout.position_style = "none"
+    if sinusoidal and layout.position_style in ("none", "embed_positions"):
+        layout.unshiftable_positions = f"sinusoidal positions ({', '.join(sinusoidal)})"
 
 
 def task_type_of(model: nn.Module) -> str:
