@@ -78,7 +78,8 @@ test-min-transformers:
 	  "transformers==$(MIN_TRANSFORMERS)"
 	$(MIN_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(MIN_TRANSFORMERS)', transformers.__version__"
 	env PREFIX_KERNELS_BACKEND=reference $(MIN_VENV)/bin/python -m pytest -p no:xdist -q $(PYTEST_ARGS) \
-	  tests/test_transformers_*.py tests/test_peft_habits.py
+	  tests/test_transformers_*.py tests/test_peft_habits.py tests/test_trainer.py tests/test_adapter_files.py \
+	  tests/test_ptuning_v1.py tests/test_ptuning_v2_tasks.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) $(MIN_VENV) build *.egg-info prefix_kernels/ops/_C*.so

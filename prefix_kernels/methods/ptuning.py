@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ..transformers import compat
 from . import adapter_io
 from .adapter_io import ADAPTER_WEIGHTS, PTUNING_CONFIG, PTUNING_ENCODER, read_checkpoint, strip_prefix
 from .config import DictConfig
@@ -329,7 +330,7 @@ class PTuningModel(AdapterStateDict, TrainableParameters):
         """Gradient checkpointing in the (frozen) model; the prompt encoder runs once per step outside it."""
         ckpt = dict(activation_checkpointing_kwargs or {})
         ckpt.setdefault("use_reentrant", False)
-        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        compat.enable_activation_checkpointing(self.base_model, ckpt, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
