@@ -393,3 +393,21 @@ def test_modernbert_local_attention_is_refused_by_name():
     pm = pk.get_prefix_model(_modernbert(global_every=2), pk.PrefixTuningConfig(num_virtual_tokens=2))
     with pytest.raises(NotImplementedError, match="sliding"):
         pm(input_ids=tokens(1, 5) % 60 + 3)
+
+
+def test_vision_language_model_trains_and_generates_with_an_image():
+    """End to end on a LLaVA-style model: the image goes through the vision tower's own attention, the
+    prefix through the language model's; generate works and equals a full recompute of its tokens."""
+    model = _llava()
+    image_tokens = (16 // 8) ** 2
+    ids = torch.cat([torch.full((2, image_tokens), 63), tokens(2, 5) % 60 + 3], dim=1)
+    pixels = torch.randn(2, 3, 16, 16)
+    pm = pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3))
+    assert model.config.vision_config._attn_implementation != "prefix_kernels"
+    out = pm(input_ids=ids, pixel_values=pixels, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and pm.prefix_encoder.embedding.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        new = pm.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)[:, ids.shape[1]:]
+        full = pm(input_ids=torch.cat([ids, new[:, :-1]], dim=1), pixel_values=pixels).logits
+    assert torch.equal(full[:, ids.shape[1] - 1:].argmax(-1), new)
