@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(shell find csrc -name '*.cpp' -o -
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: the C++ extension must be compiled against the torch installed above.
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench,trl]"
 	touch $@
 
 test: setup $(VENV)/.demo-installed

@@ -29,9 +29,15 @@ WORLD = 2
 PER_DEVICE = 4
 LAUNCH_TIMEOUT = 120
 META = "prefix_kernels_meta"
+OPTIMS = ("sgd", "adamw_torch")
+# SGD: the update is linear in the gradient, so only fp32 rounding separates the runs (measured ~1.5e-8).
+# AdamW divides by sqrt(v): an element whose gradient is small against its history turns a 1e-7 relative
+# difference of the gradient into a larger one of the update (measured 2.2e-5 on one element out of 5,408,
+# with the prefix moved by 3e-2).
+BOUND = {"sgd": 1e-5, "adamw_torch": 1e-4}
 
 
-def launch(cmd: list[str], out_dir: Path, hf_home: Path) -> None:
+def launch(cmd: list[str], hf_home: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                # an accelerate default_config.yaml in the user's cache would override the command line
                HF_HOME=str(hf_home))
@@ -73,7 +79,7 @@ def single(tmp_path_factory):
     return get
 
 
-def check_against_single(out_dir: Path, one: dict, label: str) -> None:
+def check_against_single(out_dir: Path, one: dict, label: str, bound: float) -> None:
     rs = ranks(out_dir)
     for r in rs:
         # the Trainer really ran data-parallel: gloo process group, the wrapped model inside DDP
@@ -94,7 +100,7 @@ def check_against_single(out_dir: Path, one: dict, label: str) -> None:
     diff = max_diff(rs[0]["prefix"], one["prefix"])
     print(f"{label}: 2 x {PER_DEVICE} rows vs 1 x {WORLD * PER_DEVICE} rows, {worker.STEPS} steps: "
           f"max |diff| of the prefix = {diff:.3e} (prefix moved by {moved:.3e})")
-    assert diff < 1e-5
+    assert diff < bound
     # the logged loss is the mean over the processes: the whole batch's loss
     assert len(rs[0]["losses"]) == len(one["losses"]) == worker.STEPS
     for a, b in zip(rs[0]["losses"], one["losses"]):
@@ -106,15 +112,20 @@ def check_against_single(out_dir: Path, one: dict, label: str) -> None:
     loaded = pk.PrefixModel.from_pretrained(llama(), ckpt)
     got = worker.prefix_params(loaded)
     assert max_diff(got, rs[0]["prefix"]) == 0.0
-    assert max_diff(got, one["prefix"]) < 1e-5
+    assert max_diff(got, one["prefix"]) < bound
+
+
+def check_launch(out: Path, single, launcher: str) -> None:
+    for optim in OPTIMS:
+        check_against_single(out / optim, single(optim), f"Trainer + {launcher}, {optim}", BOUND[optim])
 
 
 def test_trainer_under_torchrun_equals_one_process_on_the_whole_batch(tmp_path, single):
     out = tmp_path / "out"
     out.mkdir()
     launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
-            str(TESTS / "trainer_worker.py"), str(out), str(PER_DEVICE), "sgd"], out, tmp_path / "hf")
-    check_against_single(out, single("sgd"), "Trainer + torchrun, SGD")
+            str(TESTS / "trainer_worker.py"), str(out), str(PER_DEVICE), ",".join(OPTIMS)], tmp_path / "hf")
+    check_launch(out, single, "torchrun")
 
 
 def test_trainer_under_accelerate_launch_equals_one_process_on_the_whole_batch(tmp_path, single):
@@ -125,8 +136,8 @@ def test_trainer_under_accelerate_launch_equals_one_process_on_the_whole_batch(t
     out.mkdir()
     launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-            str(TESTS / "trainer_worker.py"), str(out), str(PER_DEVICE), "adamw_torch"], out, tmp_path / "hf")
-    check_against_single(out, single("adamw_torch"), "Trainer + accelerate launch, AdamW")
+            str(TESTS / "trainer_worker.py"), str(out), str(PER_DEVICE), ",".join(OPTIMS)], tmp_path / "hf")
+    check_launch(out, single, "accelerate launch")
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -158,7 +169,7 @@ def use_fused_head_inside(pm, own_forward) -> None:
     """SFTTrainer replaces the forward of the model it is given with its fused LM head, which calls
     `model.base_model` as the decoder backbone; for a PrefixModel that is the whole causal LM. Give the wrapper
     its own forward back and put the fused head on the causal LM inside, whose forward the prefix hooks."""
-    from trl.trainer.utils import add_fused_lm_head
+    from trl.trainer import add_fused_lm_head
 
     pm.forward = own_forward
     add_fused_lm_head(pm.base_model, outputs=("log_probs", "entropy", "is_top1"))

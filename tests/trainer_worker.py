@@ -1,10 +1,11 @@
 """transformers.Trainer on a wrapped tiny Llama, run by tests/test_trainer_processes.py: in the test's own
 process (one process, the whole batch) and as the script that `torchrun` / `accelerate launch` start in every
-process (`python tests/trainer_worker.py OUT_DIR PER_DEVICE_BATCH OPTIM`).
+process (`python tests/trainer_worker.py OUT_DIR PER_DEVICE_BATCH OPTIM[,OPTIM...]`).
 
-Every process writes OUT_DIR/rank{R}.pt: its final prefix, the rows it trained on per step, the losses and what
+For each optimizer, one after the other in the same processes (their start-up is most of the time), every
+process writes OUT_DIR/OPTIM/rank{R}.pt: its final prefix, the rows it trained on per step, the losses and what
 the Trainer set up (world size, parallel mode, process-group backend, whether it wrapped the model in DDP);
-the main process also leaves the Trainer's checkpoint in OUT_DIR/checkpoint-{STEPS}."""
+the main process also leaves the Trainer's checkpoint in OUT_DIR/OPTIM/checkpoint-{STEPS}."""
 
 from __future__ import annotations
 
@@ -92,11 +93,14 @@ def run(out_dir: str, per_device_batch: int, optim: str, world: int = 1) -> dict
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    out_dir, per_device_batch, optim = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    out_dir, per_device_batch, optims = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    result = run(out_dir, per_device_batch, optim, world)
-    torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
+    for optim in optims:
+        sub = os.path.join(out_dir, optim)
+        os.makedirs(sub, exist_ok=True)
+        result = run(sub, per_device_batch, optim, world)
+        torch.save(result, os.path.join(sub, f"rank{result['rank']}.pt"))
 
 
 if __name__ == "__main__":
