@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prefix_kernels import PTuningConfig, PTuningModel, PromptEncoder
-from tiny_models import VOCAB, llama
+from tiny_models import VOCAB, bert_mlm, llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -25,16 +25,6 @@ def tokenizer(tmp_path_factory):
     assert len(vocab) <= VOCAB
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return BertTokenizer(str(d / "vocab.txt"), do_lower_case=True)
-
-
-def mlm():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
-                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, pad_token_id=0)
-    return BertForMaskedLM(cfg).eval()
 
 
 EXAMPLES = [{"sentence": "this movie is fun"}, {"sentence": "a boring film"},
@@ -70,7 +60,7 @@ def test_prompt_encoder_reparameterizations(kind, names):
 
 
 def test_template_places_virtual_tokens_between_anchor_words(tokenizer):
-    pm = PTuningModel(mlm(), tokenizer, PTuningConfig(template=TEMPLATE_NLI, verbalizer=["no", "yes"]))
+    pm = PTuningModel(bert_mlm(), tokenizer, PTuningConfig(template=TEMPLATE_NLI, verbalizer=["no", "yes"]))
     b = pm.encode([{"premise": "the movie is good", "hypothesis": "it is fun"}])
     ids, virt = b["input_ids"][0].tolist(), b["virtual_mask"][0].tolist()
     toks = tokenizer.convert_ids_to_tokens(ids)
@@ -81,7 +71,7 @@ def test_template_places_virtual_tokens_between_anchor_words(tokenizer):
 
 
 def test_embed_replaces_virtual_positions_in_order_once_per_step(tokenizer):
-    pm = PTuningModel(mlm(), tokenizer, PTuningConfig(template=TEMPLATE_NLI, verbalizer=["no", "yes"]))
+    pm = PTuningModel(bert_mlm(), tokenizer, PTuningConfig(template=TEMPLATE_NLI, verbalizer=["no", "yes"]))
     b = pm.encode([{"premise": "good", "hypothesis": "fun"}, {"premise": "a boring film", "hypothesis": "no"}])
     calls = []
     pm.prompt_encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -98,7 +88,7 @@ def test_embed_replaces_virtual_positions_in_order_once_per_step(tokenizer):
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
 def test_masked_lm_verbalizer_trains_only_prompt_encoder(tokenizer, kind):
-    pm = PTuningModel(mlm(), tokenizer, PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"],
+    pm = PTuningModel(bert_mlm(), tokenizer, PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"],
                                                       encoder_reparameterization_type=kind, encoder_hidden_size=16))
     assert {n.split(".")[0] for n, p in pm.named_parameters() if p.requires_grad} == {"prompt_encoder"}
     b = pm.encode(EXAMPLES)
@@ -161,7 +151,7 @@ def test_generate_keeps_virtual_tokens_once_equals_full_recompute(tokenizer):
 
 def test_save_resume_and_export_without_encoder(tokenizer, tmp_path):
     cfg = PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"], encoder_hidden_size=8)
-    pm = PTuningModel(mlm(), tokenizer, cfg)
+    pm = PTuningModel(bert_mlm(), tokenizer, cfg)
     with torch.no_grad():
         for p in pm.prompt_encoder.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -169,14 +159,14 @@ def test_save_resume_and_export_without_encoder(tokenizer, tmp_path):
     with torch.no_grad():
         ref = pm.classify(**b)[1]
     pm.save_pretrained(tmp_path / "full")
-    resumed = PTuningModel.from_pretrained(mlm(), tokenizer, tmp_path / "full", is_trainable=True)
+    resumed = PTuningModel.from_pretrained(bert_mlm(), tokenizer, tmp_path / "full", is_trainable=True)
     assert resumed.prompt_encoder.reparameterization == "lstm"
     for (n, p), (n2, q) in zip(pm.prompt_encoder.state_dict().items(), resumed.prompt_encoder.state_dict().items()):
         assert n == n2 and torch.equal(p, q)
     assert resumed.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0]
     pm.export_merged(tmp_path / "merged")
     assert not (tmp_path / "merged" / "prompt_encoder.safetensors").exists()
-    merged = PTuningModel.from_pretrained(mlm(), tokenizer, tmp_path / "merged")
+    merged = PTuningModel.from_pretrained(bert_mlm(), tokenizer, tmp_path / "merged")
     assert merged.prompt_encoder.reparameterization == "none"
     assert merged.get_nb_trainable_parameters()[0] == 0
     assert sum(p.numel() for p in merged.prompt_encoder.parameters()) == 3 * 32
@@ -187,8 +177,8 @@ def test_save_resume_and_export_without_encoder(tokenizer, tmp_path):
 
 def test_bad_inputs(tokenizer):
     with pytest.raises(ValueError, match=r"\[MASK\]"):
-        PTuningModel(mlm(), tokenizer, PTuningConfig(template="[P] {sentence}"))
-    pm = PTuningModel(mlm(), tokenizer, PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"]))
+        PTuningModel(bert_mlm(), tokenizer, PTuningConfig(template="[P] {sentence}"))
+    pm = PTuningModel(bert_mlm(), tokenizer, PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"]))
     with pytest.raises(KeyError, match="sentence"):
         pm.encode([{"text": "good"}])
     b = pm.encode(EXAMPLES[:1])
@@ -201,7 +191,7 @@ def test_corrupt_adapter_is_refused_and_leaves_the_model_untouched(tokenizer, tm
     from safetensors.torch import load_file, save_file
 
     cfg = PTuningConfig(template=TEMPLATE_MLM, verbalizer=["terrible", "great"], encoder_hidden_size=8)
-    PTuningModel(mlm(), tokenizer, cfg).save_pretrained(tmp_path)
+    PTuningModel(bert_mlm(), tokenizer, cfg).save_pretrained(tmp_path)
     encoder_file = tmp_path / "prompt_encoder.safetensors"
     if damage == "truncate-encoder":
         encoder_file.write_bytes(encoder_file.read_bytes()[:100])
@@ -213,7 +203,7 @@ def test_corrupt_adapter_is_refused_and_leaves_the_model_untouched(tokenizer, tm
         name = next(iter(tensors))
         tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
         save_file(tensors, str(encoder_file))
-    model = mlm()
+    model = bert_mlm()
     before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
     words = {"truncate-encoder": "safetensors", "bad-json": "JSON", "wrong-shape": "prompt encoder tensors expected"}
     with pytest.raises(ValueError, match=words[damage]):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import prefix_kernels as pk
 from prefix_kernels import PrefixTaskModel, PTuningConfig, PTuningModel
-from tiny_models import VOCAB, bert, fresh, gpt2, llama, randomize_prefix, tokens
+from tiny_models import VOCAB, bert, bert_mlm, fresh, gpt2, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -260,22 +260,12 @@ def tokenizer(tmp_path_factory):
     return BertTokenizer(str(d / "vocab.txt"), do_lower_case=True)
 
 
-def mlm():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
-                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, pad_token_id=0)
-    return BertForMaskedLM(cfg).eval()
-
-
 def test_ptuning_v1_trainer_with_encode_output(tmp_path, tokenizer):
     from transformers import Trainer
 
     cfg = PTuningConfig(template="{sentence} It was [P][P] [MASK] .", verbalizer=["bad", "good"],
                         encoder_reparameterization_type="mlp", encoder_hidden_size=16)
-    model = PTuningModel(mlm(), tokenizer, cfg)
+    model = PTuningModel(bert_mlm(), tokenizer, cfg)
     sentences = ["this movie is fun", "a boring film", "the film is not good", "good", "bad movie", "fun"]
     batch = model.encode([{"sentence": s} for s in sentences])
     labels = [1, 0, 0, 1, 0, 1]
@@ -292,7 +282,7 @@ def test_ptuning_v1_trainer_with_encode_output(tmp_path, tokenizer):
     assert keys == {META} | {f"prompt_encoder.{k}" for k in model.prompt_encoder.state_dict()}
     with torch.no_grad():
         expected = model.classify(**batch)[1]
-        loaded = PTuningModel.from_pretrained(mlm(), tokenizer, tmp_path / "checkpoint-2")
+        loaded = PTuningModel.from_pretrained(bert_mlm(), tokenizer, tmp_path / "checkpoint-2")
         torch.testing.assert_close(loaded.classify(**batch)[1], expected)
 
 

@@ -80,3 +80,14 @@ def tokens(B, T, seed=0, low=3):
 
 def fresh(model):
     return copy.deepcopy(model)
+
+
+def bert_mlm():
+    """A masked LM for P-Tuning v1 (no dropout, so that runs compare exactly)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertForMaskedLM(cfg).eval()
