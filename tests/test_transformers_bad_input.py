@@ -390,9 +390,10 @@ def test_modernbert_wraps_trains_and_equals_an_oracle():
 
 def test_modernbert_local_attention_is_refused_by_name():
     _skip_unless_modernbert_is_on_the_interface()
-    pm = pk.get_prefix_model(_modernbert(global_every=2), pk.PrefixTuningConfig(num_virtual_tokens=2))
-    with pytest.raises(NotImplementedError, match="sliding"):
-        pm(input_ids=tokens(1, 5) % 60 + 3)
+    model = _modernbert(global_every=2)
+    with pytest.raises(ValueError, match="sliding"):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
+    assert getattr(model, "_prefix_kernels_model", None) is None  # refused before anything was changed
 
 
 def test_vision_language_model_trains_and_generates_with_an_image():
@@ -411,3 +412,40 @@ def test_vision_language_model_trains_and_generates_with_an_image():
         new = pm.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)[:, ids.shape[1]:]
         full = pm(input_ids=torch.cat([ids, new[:, :-1]], dim=1), pixel_values=pixels).logits
     assert torch.equal(full[:, ids.shape[1] - 1:].argmax(-1), new)
+
+
+def _mistral(sliding_window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            sliding_window=sliding_window))
+
+
+@pytest.mark.parametrize("make,words", [
+    # Mistral-7B-v0.1's real window, refused whatever the input length
+    (lambda: _mistral(4096), r"sliding-window attention \(sliding_window=4096\)"),
+    # Gemma 2: alternating sliding/full layers and soft-capping
+    (lambda: __import__("transformers").Gemma2ForCausalLM(__import__("transformers").Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)), r"layer types \['sliding_attention'\].*soft-capping"),
+], ids=["mistral-4096", "gemma2"])
+def test_attention_features_the_op_lacks_are_refused_at_wrap_time(make, words):
+    model = make()
+    with pytest.raises(ValueError, match=words):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
+    assert getattr(model, "_prefix_kernels_model", None) is None
+
+
+def test_configs_without_a_window_in_use_wrap():
+    """Mistral with no window, and Qwen2's default (sliding_window set, use_sliding_window False) run."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
+                                        use_sliding_window=False))
+    for model in (_mistral(None), qwen):
+        pm = pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
+        ids = tokens(2, 5) % 60 + 3
+        assert torch.isfinite(pm(input_ids=ids, labels=ids).loss)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .attention import ATTN_IMPLEMENTATION
@@ -139,6 +140,25 @@ def _kv_heads_and_head_dim(config) -> tuple[int, int, list[str]]:
     return kv_heads, head_dim, problems
 
 
+def _attention_features_not_supported(config, modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """Attention features the fused op does not apply, read from the config when the model is wrapped, so that
+    such a model is refused before it runs rather than at its first forward (or, for a window longer than the
+    inputs of a test, not at all)."""
+    found = []
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # the per-layer truth where transformers gives one (Qwen2's use_sliding_window, ModernBERT)
+        local = sorted({t for t in layer_types if t != "full_attention"})
+        if local:
+            found.append(f"layer types {local} (sliding-window or other local attention)")
+    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        found.append(f"sliding-window attention (sliding_window={config.sliding_window})")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        found.append(f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for _, m in modules):
+        found.append("attention sinks (a learned logit per head)")
+    return [f"prefix_kernels does not support {what} yet" for what in found]
+
+
 def detect(model: nn.Module) -> ModelLayout:
     """Check that `model` can take a fused prefix and find its attention modules; raise before touching it."""
     from transformers import PreTrainedModel
@@ -183,6 +203,7 @@ def detect(model: nn.Module) -> ModelLayout:
 
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     kv_heads, head_dim, problems = _kv_heads_and_head_dim(text_config)
+    problems += _attention_features_not_supported(text_config, modules)
     if problems:
         raise ValueError(f"{type(model).__name__}: " + "; ".join(problems))
 
