@@ -107,6 +107,16 @@ inline void check_backward_inputs(const Problem& pr, const at::Tensor& q, const 
   detail::check_on_q_device(lse, q, "lse");
 }
 
+// For an implementation without the op's optional features (docs/op.md; window 0 and softcap 0 mean off):
+// prefix_kernels.ops passes such a backend over for calls that use them, so this only guards direct calls.
+inline void refuse_features(const char* backend, const std::optional<at::Tensor>& cu_seqlens,
+                            const std::optional<at::Tensor>& sinks, int64_t window, double softcap) {
+  PREFIX_KERNELS_CHECK(!cu_seqlens.has_value(), "the ", backend, " backend does not implement packed sequences (cu_seqlens)");
+  PREFIX_KERNELS_CHECK(!sinks.has_value(), "the ", backend, " backend does not implement attention sinks (sinks)");
+  PREFIX_KERNELS_CHECK(window == 0, "the ", backend, " backend does not implement sliding windows (window)");
+  PREFIX_KERNELS_CHECK(softcap == 0.0, "the ", backend, " backend does not implement logit soft-capping (softcap)");
+}
+
 // The bwd ops' output_mask: which gradients to compute. One not wanted is returned as an empty tensor [0].
 struct Wanted {
   bool dq, dkdv, dprefix;  // dq; dk and dv; dprefix_k and dprefix_v

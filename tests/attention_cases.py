@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefix_kernels.ops import available_backends, prefix_attention, reference_prefix_attention
+from prefix_kernels.ops.backends import features_of
 from prefix_kernels.ops.triton import interpreting
 
 
@@ -27,6 +28,20 @@ class Case:
     # "hf": q/k/v as transposes of [B, L, H, D], as transformers passes them; "strided": a column-strided
     # head dim in k, permuted v and prefix_k (no unit stride where the kernels would like one)
     layout: str = "contiguous"
+    # The op's optional features (docs/op.md): a sliding window, soft-capping, one sink logit per query head,
+    # and packed sequences (their lengths; B = 1 and L = S = their sum).
+    window: int = 0
+    softcap: float = 0.0
+    sinks: bool = False
+    packed: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.packed:
+            assert self.B == 1 and self.L == self.S == sum(self.packed), "packed cases: B = 1, L = S = sum(packed)"
+
+    def features(self) -> tuple[str, ...]:
+        return features_of(window=self.window or None, softcap=self.softcap or None, sinks=True if self.sinks else None,
+                           cu_seqlens=True if self.packed else None)
 
     def id(self) -> str:
         parts = [f"B{self.B}", f"H{self.Hq}-{self.Hkv}", f"L{self.L}", f"S{self.S}", f"P{self.P}", f"D{self.D}",
@@ -35,7 +50,16 @@ class Case:
         parts += [f"leftpad{self.left_pad}"] if self.left_pad else []
         parts += [f"T{self.T}"] if self.T else []
         parts += [self.layout] if self.layout != "contiguous" else []
+        parts += [f"w{self.window}"] if self.window else []
+        parts += [f"cap{self.softcap:g}"] if self.softcap else []
+        parts += ["sinks"] if self.sinks else []
+        parts += ["packed" + "+".join(map(str, self.packed))] if self.packed else []
         return "-".join(parts)
+
+
+def packed_case(lengths: tuple[int, ...], **kw) -> Case:
+    n = sum(lengths)
+    return Case(B=1, L=n, S=n, packed=tuple(lengths), **kw)
 
 
 BASE = Case()
@@ -150,7 +174,17 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> d
         mask[:, : case.left_pad] = False
         kwargs["key_padding_mask"] = mask.to(device)
     if case.T:
-        kwargs["prefix_index"] = (torch.arange(case.B) % case.T).flip(0).to(device)
+        rows = len(case.packed) or case.B
+        kwargs["prefix_index"] = (torch.arange(rows) % case.T).flip(0).to(device)
+    if case.window:
+        kwargs["window"] = case.window
+    if case.softcap:
+        kwargs["softcap"] = case.softcap
+    if case.sinks:  # a tensor input: its gradient is checked like the others
+        inputs["sinks"] = (torch.randn(case.Hq, generator=gen) * 2).to(device=device, dtype=dtype)
+    if case.packed:
+        kwargs["cu_seqlens"] = torch.tensor([0, *torch.tensor(case.packed).cumsum(0).tolist()], dtype=torch.int32,
+                                            device=device)
     grad_out = randn(case.B, case.Hq, case.L, case.D)
     return dict(tensors=inputs, kwargs=kwargs, grad_out=grad_out)
 
@@ -162,17 +196,18 @@ def run_with_grads(fn, tensors: dict, kwargs: dict, grad_out: torch.Tensor, dtyp
     leaves = {n: (t.detach().to(dtype) if dtype else t.detach()).requires_grad_() for n, t in tensors.items()}
     out = fn(**leaves, **kwargs)
     out.backward(grad_out.to(out.dtype))
-    return out.detach(), {n: leaves[n].grad for n in GRAD_NAMES}
+    return out.detach(), {n: leaves[n].grad for n in (*GRAD_NAMES, "sinks") if n in leaves}
 
 
 def op_call(backend: str, *, dropout_p: float = 0.0, seed: int = 0, deterministic: bool = True):
     """The backend's forward op with an explicit dropout seed, called like `prefix_attention` (returns out)."""
     fwd = getattr(torch.ops.prefix_kernels, f"{backend}_fwd").default
 
-    def call(q, k, v, prefix_k, prefix_v, *, causal=True, key_padding_mask=None, prefix_index=None, scale=None):
+    def call(q, k, v, prefix_k, prefix_v, *, causal=True, key_padding_mask=None, prefix_index=None, scale=None,
+             window=None, softcap=None, sinks=None, cu_seqlens=None):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        out, _lse = fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, float(scale),
-                        float(dropout_p), seed, deterministic)
+        out, _lse = fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal,
+                        int(window or 0), float(softcap or 0.0), float(scale), float(dropout_p), seed, deterministic)
         return out
 
     return call
@@ -207,7 +242,7 @@ def assert_matches_reference(case: Case, dtype: torch.dtype, device: str, backen
     assert torch.isfinite(out).all()
     report = {}
     for name, got, same, want in [("out", out, same_out, oracle_out)] + [
-        (n, grads[n], same_grads[n], oracle_grads[n]) for n in GRAD_NAMES
+        (n, grads[n], same_grads[n], oracle_grads[n]) for n in oracle_grads
     ]:
         assert got.shape == want.shape and got.dtype == dtype, name
         if want.numel() == 0:

@@ -47,10 +47,11 @@ def ops(backend: str):
 
 
 def op_args(data: dict, scale: float | None = None) -> tuple:
-    """The positional arguments of NAME_fwd after the five tensors, with the defaults of prefix_attention."""
+    """The positional arguments of NAME_fwd after the five tensors up to `scale` (key_padding_mask, prefix_index,
+    cu_seqlens, sinks, causal, window, softcap, scale), with the defaults of prefix_attention."""
     t, kw = data["tensors"], data["kwargs"]
     scale = t["q"].shape[-1] ** -0.5 if scale is None else scale
-    return (kw.get("key_padding_mask"), kw.get("prefix_index"), kw["causal"], scale)
+    return (kw.get("key_padding_mask"), kw.get("prefix_index"), None, None, kw["causal"], 0, 0.0, scale)
 
 
 # ---- against the float64 oracle ----------------------------------------------------------------------------
@@ -121,8 +122,9 @@ def test_lse(backend, device, dtype, case):
     case = _tiny(backend, device, case)
     data = make_inputs(case, dtype, device)
     t = data["tensors"]
-    mask, index, causal, scale = op_args(data)
-    out, lse = ops(backend)[0](*t.values(), mask, index, causal, scale, 0.0, 0, True)
+    args = op_args(data)
+    mask, index, causal, scale = args[0], args[1], args[4], args[7]
+    out, lse = ops(backend)[0](*t.values(), *args, 0.0, 0, True)
     assert lse.dtype == torch.float32 and lse.shape == (case.B, case.Hq, case.L) and lse.is_contiguous()
     want = reference_lse(*(x.double() for x in t.values()), causal=causal, key_padding_mask=mask, scale=scale,
                          prefix_index=index)
@@ -254,8 +256,7 @@ OPCHECK_CASES = {
 def _opcheck_inputs(name, backend, device, requires_grad):
     data = make_inputs(OPCHECK_CASES[name], torch.float32, device)
     tensors = [t.detach().requires_grad_(requires_grad) for t in data["tensors"].values()]
-    mask, index, causal, scale = op_args(data)
-    return data, tensors, (mask, index, causal, scale)
+    return data, tensors, op_args(data)
 
 
 @pytest.mark.parametrize("sample", list(OPCHECK_CASES))

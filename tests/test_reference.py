@@ -81,8 +81,8 @@ def test_reference_backend_dropout_is_a_bernoulli_draw_from_the_seed():
     data = make_inputs(case, torch.float64, "cpu")
     t, kw = data["tensors"], data["kwargs"]
     p, seed = 0.3, 2**35 + 3
-    out, _ = torch.ops.prefix_kernels.reference_fwd(*t.values(), kw["key_padding_mask"], kw["prefix_index"],
-                                                    kw["causal"], case.D**-0.5, p, seed, True)
+    out, _ = torch.ops.prefix_kernels.reference_fwd(*t.values(), kw["key_padding_mask"], kw["prefix_index"], None,
+                                                    None, kw["causal"], 0, 0.0, case.D**-0.5, p, seed, True)
     draws = torch.rand(case.B, case.Hq, case.L, case.P + case.S, generator=torch.Generator().manual_seed(seed))
     want = reference_prefix_attention(**t, **kw, dropout_p=p, dropout_mask=draws >= p)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

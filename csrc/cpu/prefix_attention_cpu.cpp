@@ -590,8 +590,10 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                        const std::optional<at::Tensor>& key_padding_mask,
-                                       const std::optional<at::Tensor>& prefix_index, bool causal, double scale,
+                                       const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& sinks, bool causal, int64_t window, double softcap, double scale,
                                        double dropout_p, int64_t seed, bool /*deterministic*/) {
+  refuse_features("cpu", cu_seqlens, sinks, window, softcap);
   at::Tensor kpm_c, pidx_c;
   const CpuProblem pr = cpu_problem(check_inputs(at::kCPU, q, k, v, prefix_k, prefix_v, key_padding_mask,
                                                  prefix_index, causal, scale, dropout_p, seed),
@@ -608,8 +610,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& out, const at::Tensor& lse,
-    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& prefix_index, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& prefix_index, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& sinks, bool causal, int64_t window, double softcap,
     double scale, double dropout_p, int64_t seed, bool /*deterministic*/, std::array<bool, 3> output_mask) {
+  refuse_features("cpu", cu_seqlens, sinks, window, softcap);
   at::Tensor kpm_c, pidx_c;
   const CpuProblem pr = cpu_problem(check_inputs(at::kCPU, q, k, v, prefix_k, prefix_v, key_padding_mask,
                                                  prefix_index, causal, scale, dropout_p, seed),

@@ -123,8 +123,10 @@ void check_launch(const std::string& err) { PREFIX_KERNELS_CHECK(err.empty(), er
 // deterministic.
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
                                const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask,
-                               const std::optional<Tensor>& prefix_index, bool causal, double scale,
+                               const std::optional<Tensor>& prefix_index, const std::optional<Tensor>& cu_seqlens,
+    const std::optional<Tensor>& sinks, bool causal, int64_t window, double softcap, double scale,
                                double dropout_p, int64_t seed, bool /*deterministic*/) {
+  refuse_features("cuda", cu_seqlens, sinks, window, softcap);
   const Problem pr = check_inputs(at::kCUDA, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal,
                                   scale, dropout_p, seed);
   check_kernel_limits(pr);
@@ -144,8 +146,10 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
     const Tensor& prefix_v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& key_padding_mask,
-    const std::optional<Tensor>& prefix_index, bool causal, double scale, double dropout_p, int64_t seed,
+    const std::optional<Tensor>& prefix_index, const std::optional<Tensor>& cu_seqlens,
+    const std::optional<Tensor>& sinks, bool causal, int64_t window, double softcap, double scale, double dropout_p, int64_t seed,
     bool /*deterministic*/, std::array<bool, 3> output_mask) {
+  refuse_features("cuda", cu_seqlens, sinks, window, softcap);
   const Problem pr = check_inputs(at::kCUDA, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal,
                                   scale, dropout_p, seed);
   check_backward_inputs(pr, q, grad_out, out, lse);

@@ -1,7 +1,8 @@
 """The backends, one record each, and the one place that decides which of them runs a call.
 
-A `Backend` says whether it can run on a device (and why not) and holds its forward and backward ops (the
-schema in `library.py`). `backend=None` takes the fastest backend available for the device;
+A `Backend` says whether it can run on a device (and why not), which of the op's optional features it
+implements, and holds its forward and backward ops (the schema in `library.py`). `backend=None` takes the
+fastest backend available for the device that implements the features the call uses;
 `PREFIX_KERNELS_BACKEND` overrides that default (an explicit name still wins). A fallback is logged once per
 (device type, chosen backend), so a slow path is never silent. Resolving is cheap but not free: callers that
 run the op many times (the transformers integration) resolve once per device and keep the record.
@@ -27,6 +28,27 @@ BACKENDS = library.BACKEND_NAMES
 # Preference order per device type.
 _PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
+
+# The op's optional features (docs/op.md) and which backends implement them.
+FEATURES = {
+    "window": "sliding windows (window)",
+    "softcap": "logit soft-capping (softcap)",
+    "sinks": "attention sinks (sinks)",
+    "packed": "packed sequences (cu_seqlens)",
+}
+_IMPLEMENTS = {
+    "reference": frozenset(FEATURES),
+    "cpu": frozenset(),
+    "triton": frozenset(),
+    "cuda": frozenset(),
+}
+
+
+def features_of(*, window=None, softcap=None, sinks=None, cu_seqlens=None) -> tuple[str, ...]:
+    """The optional features a call uses, in FEATURES order (a hashable key)."""
+    used = {"window": window is not None, "softcap": softcap is not None, "sinks": sinks is not None,
+            "packed": cu_seqlens is not None}
+    return tuple(name for name in FEATURES if used[name])
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +90,15 @@ class Backend:
 
     name: str
 
+    @property
+    def implements(self) -> frozenset[str]:
+        return _IMPLEMENTS[self.name]
+
+    def missing(self, features) -> str | None:
+        """None if this backend implements every feature named, else a sentence naming those it lacks."""
+        lacking = [FEATURES[f] for f in features if f not in self.implements]
+        return None if not lacking else f"the {self.name} backend does not implement {', '.join(lacking)}"
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         return _REASONS[self.name](torch.device(device))
 
@@ -99,28 +130,38 @@ def _log_fallback_once(device_type: str, chosen: str, reasons: str) -> None:
     logger.warning("prefix_kernels: using the %s backend for %s tensors (%s)", chosen, device_type, reasons)
 
 
-def resolve_backend(name: str | Backend | None, device: torch.device | str) -> Backend:
-    """The record that runs on `device`: `name` (error if unavailable) or, for None, the fastest available."""
+def resolve_backend(name: str | Backend | None, device: torch.device | str, features: tuple[str, ...] = ()) -> Backend:
+    """The record that runs on `device` with `features` (see `features_of`): `name` (error if unavailable or
+    lacking a feature) or, for None, the fastest available that implements them."""
     if isinstance(name, Backend):
+        missing = name.missing(features)
+        if missing:
+            raise RuntimeError(f"prefix_attention backend {name.name!r} cannot run this call: {missing}")
         return name
-    return _RECORDS[_resolve_name(name, str(torch.device(device)))]
+    return _RECORDS[_resolve_name(name, str(torch.device(device)), tuple(features))]
 
 
 # A constant for torch.compile: the availability checks ask the dispatcher and import modules, which a traced
 # function must not do on every call (and Dynamo cannot trace).
 @torch.compiler.assume_constant_result
-def _resolve_name(name: str | None, device_name: str) -> str:
+def _resolve_name(name: str | None, device_name: str, features: tuple[str, ...]) -> str:
     device = torch.device(device_name)
+    explicit = name is not None
     if name is None:
         name = os.environ.get(ENV_VAR) or None
     if name is not None:
         reason = unavailable_reason(name, device)
         if reason is not None:
             raise RuntimeError(f"prefix_attention backend {name!r} is unavailable: {reason}")
-        return name
-    skipped = []
+        missing = backend(name).missing(features)
+        if missing is None:
+            return name
+        if explicit:
+            raise RuntimeError(f"prefix_attention backend {name!r} cannot run this call: {missing}; "
+                               f"pass backend=None to take one that can")
+    skipped = [] if name is None else [f"{name}: {backend(name).missing(features)}"]
     for candidate in _PREFERENCE.get(device.type, ("reference",)):
-        reason = unavailable_reason(candidate, device)
+        reason = unavailable_reason(candidate, device) or backend(candidate).missing(features)
         if reason is None:
             if skipped:
                 _log_fallback_once(device.type, candidate, "; ".join(skipped))

@@ -21,33 +21,44 @@ BACKEND_NAMES = ("triton", "cuda", "cpu", "reference")
 
 FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? key_padding_mask, "
-    "Tensor? prefix_index, bool causal, float scale, float dropout_p, int seed, bool deterministic) "
+    "Tensor? prefix_index, Tensor? cu_seqlens, Tensor? sinks, bool causal, int window, float softcap, float scale, "
+    "float dropout_p, int seed, bool deterministic) "
     "-> (Tensor out, Tensor lse)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor out, Tensor lse, "
-    "Tensor? key_padding_mask, Tensor? prefix_index, bool causal, float scale, float dropout_p, int seed, "
-    "bool deterministic, bool[3] output_mask) "
+    "Tensor? key_padding_mask, Tensor? prefix_index, Tensor? cu_seqlens, Tensor? sinks, bool causal, int window, "
+    "float softcap, float scale, float dropout_p, int seed, bool deterministic, bool[3] output_mask) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)"
 )
+# Positions in the forward's arguments (the autograd formula returns one gradient per argument).
+_N_FWD_ARGS = 16
+_SINKS = 8
 
 
 def op_names(backend: str) -> tuple[str, str]:
     return f"{NAMESPACE}::{backend}_fwd", f"{NAMESPACE}::{backend}_bwd"
 
 
-def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed,
-              deterministic):
+def _validate(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal, window,
+              softcap, scale, dropout_p):
     validate(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-             dropout_p=dropout_p, prefix_index=prefix_index, check_index_values=False)
+             dropout_p=dropout_p, prefix_index=prefix_index, window=window or None, softcap=softcap or None,
+             sinks=sinks, cu_seqlens=cu_seqlens, check_index_values=False, check_cu_seqlens=False)
+
+
+def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal, window,
+              softcap, scale, dropout_p, seed, deterministic):
+    _validate(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal, window,
+              softcap, scale, dropout_p)
     B, Hq, L, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, causal, scale,
-              dropout_p, seed, deterministic, output_mask):
-    validate(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-             dropout_p=dropout_p, prefix_index=prefix_index, check_index_values=False)
+def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, cu_seqlens, sinks,
+              causal, window, softcap, scale, dropout_p, seed, deterministic, output_mask):
+    _validate(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal, window,
+              softcap, scale, dropout_p)
     for name, t, dtype in (("grad_out", grad_out, q.dtype), ("out", out, q.dtype), ("lse", lse, torch.float32)):
         expected = q.shape if name != "lse" else q.shape[:3]
         if t.shape != expected or t.dtype != dtype:
@@ -61,23 +72,36 @@ def _gradients_like(inputs, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed, det = inputs
+    (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, *options) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index)
-    ctx.options = (causal, scale, dropout_p, seed, det)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, cu_seqlens, sinks)
+    ctx.options = tuple(options)  # causal, window, softcap, scale, dropout_p, seed, deterministic
+
+
+def sinks_grad(sinks: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks from the forward's lse: a sink's probability is exp(sink - lse) and it carries no value,
+    so its score gradient is -p_sink * rowsum(dO * O), summed over the rows and queries of each head."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    p_sink = torch.exp(sinks.float().view(1, -1, 1) - lse)
+    return (-(p_sink * delta)).sum(dim=(0, 2)).to(sinks.dtype)
 
 
 def _autograd_for(bwd_op):
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, cu_seqlens, sinks = ctx.saved_tensors
         need = ctx.needs_input_grad
+        grads = [None] * _N_FWD_ARGS
+        if grad_out is None:
+            return tuple(grads)
         output_mask = [need[0], need[1] or need[2], need[3] or need[4]]
-        if grad_out is None or not any(output_mask):
-            return (None,) * 12
-        grads = bwd_op(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
-                       *ctx.options, output_mask)
-        return (*(g if n else None for g, n in zip(grads, need[:5])), *(None,) * 7)
+        if any(output_mask):
+            five = bwd_op(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index,
+                          cu_seqlens, sinks, *ctx.options, output_mask)
+            grads[:5] = (g if n else None for g, n in zip(five, need[:5]))
+        if need[_SINKS]:
+            grads[_SINKS] = sinks_grad(sinks, grad_out, out, lse)
+        return tuple(grads)
 
     return backward
 

@@ -3,7 +3,9 @@
 The shared prefix is expanded to every batch row and concatenated in front of the sequence keys, GQA heads
 are repeated, and a dense mask is built over the P + S keys. That copy is exactly what the fused backends
 remove, so `reference_prefix_attention` is both the oracle of every test (run it on float64 inputs, autograd
-through plain torch ops) and the eager baseline of the benchmarks (run it in the model's dtype).
+through plain torch ops) and the eager baseline of the benchmarks (run it in the model's dtype). Soft-capping,
+sinks and windows are applied as transformers' eager attention applies them; packed sequences
+(`cu_seqlens`) are attended one sequence at a time, each as a row of its own.
 
 `reference_fwd` is the backend's forward op, registered as a composite: under autograd it decomposes into
 these torch ops, so the `reference` backend costs what eager attention over a concatenated prefix costs
@@ -13,23 +15,71 @@ the honest baseline. `reference_bwd` (the textbook formulas) completes the op pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .dropout import draw_seed, dropout_keep_mask
-from .masks import visible_keys
+from .masks import sequence_spans, visible_keys
 
 
-def _scores_and_values(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, prefix_index):
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    pk, pv = _expand_prefix(prefix_k, prefix_index, B), _expand_prefix(prefix_v, prefix_index, B)
-    P = pk.shape[2]
-    keys = torch.cat([pk, k], dim=2).repeat_interleave(group, dim=1)
-    values = torch.cat([pv, v], dim=2).repeat_interleave(group, dim=1)
-    visible = visible_keys(B, L, S, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+@dataclass(frozen=True)
+class Features:
+    """The options that change which keys a query sees or how it scores them (docs/op.md)."""
+
+    causal: bool = True
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+
+def _segments(q, k, v, key_padding_mask, prefix_index, cu_seqlens, dropout_mask, P):
+    """The independent problems of one call, as (positions, q, k, v, key_padding_mask, prefix_index,
+    dropout_mask): the whole batch, or each packed sequence as a row of its own (its slice of the keep mask
+    is its rows and its own key columns, prefix first)."""
+    if cu_seqlens is None:
+        return [(slice(None), q, k, v, key_padding_mask, prefix_index, dropout_mask)]
+    segments = []
+    for n, (a, b) in enumerate(sequence_spans(cu_seqlens)):
+        if a == b:
+            continue
+        mask = None if dropout_mask is None else torch.cat(
+            [dropout_mask[:, :, a:b, :P], dropout_mask[:, :, a:b, P + a:P + b]], dim=-1)
+        index = None if prefix_index is None else prefix_index[n:n + 1]
+        segments.append((slice(a, b), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, index, mask))
+    return segments
+
+
+def _keys(prefix, seq, prefix_index, group):
+    return torch.cat([_expand_prefix(prefix, prefix_index, seq.shape[0]), seq], dim=2).repeat_interleave(group, dim=1)
+
+
+def _probabilities(q, k, prefix_k, key_padding_mask, prefix_index, scale, f: Features, dtype):
+    """Softmax over the visible keys (and the sink) of one problem: probabilities `[B, Hq, L, P + S]` in
+    `dtype`, fp32 lse `[B, Hq, L]`, and tanh(scores / softcap) (None without softcap) for the backward."""
+    B, Hq, L, _ = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    keys = _keys(prefix_k, k, prefix_index, Hq // Hkv)
     scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    return scores.masked_fill(~visible, float("-inf")), visible, values
+    tanh = None
+    if f.softcap is not None:
+        tanh = torch.tanh(scores / f.softcap)
+        scores = f.softcap * tanh
+    visible = visible_keys(B, L, S, P, causal=f.causal, key_padding_mask=key_padding_mask, device=q.device,
+                           window=f.window)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if f.sinks is not None:
+        scores = torch.cat([scores, f.sinks.to(scores.dtype).view(1, Hq, 1, 1).expand(B, Hq, L, 1)], dim=-1)
+    # A row with no visible key (P = 0, no sink) outputs zeros, not the NaN softmax would give.
+    any_visible = visible.any(dim=-1, keepdim=True) | (f.sinks is not None)
+    scores = torch.where(any_visible, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    with torch.no_grad():  # for the op's contract only; no gradient flows through it
+        lse = torch.logsumexp(scores.float(), dim=-1)
+        lse = torch.where(any_visible.squeeze(-1), lse, torch.full_like(lse, float("inf")))
+    probs = torch.softmax(scores, dim=-1, dtype=dtype) * any_visible
+    if f.sinks is not None:
+        probs = probs[..., :-1]  # the sink takes its share of the mass and carries no value
+    return probs, lse, tanh
 
 
 def reference_prefix_attention(
@@ -44,6 +94,10 @@ def reference_prefix_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     prefix_index: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     dropout_mask: torch.Tensor | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
@@ -58,35 +112,35 @@ def reference_prefix_attention(
         B, Hq, L, _ = q.shape
         dropout_mask = dropout_keep_mask(B, Hq, L, prefix_k.shape[-2], k.shape[2], dropout_p,
                                          draw_seed(dropout_p) if seed is None else seed, q.device)
-    out, _ = _attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, prefix_index, dropout_p,
-                        dropout_mask, with_lse=False)
+    f = Features(causal, window, softcap, sinks)
+    out, _ = _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, f, scale,
+                        dropout_p, dropout_mask)
     return out
 
 
-def reference_lse(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, prefix_index) -> torch.Tensor:
-    """fp32 `[B, Hq, L]` log-sum-exp of each row's visible scores (natural log, +inf for an empty row)."""
-    return _attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, prefix_index, 0.0, None,
-                      with_lse=True)[1]
+def reference_lse(q, k, v, prefix_k, prefix_v, *, causal, key_padding_mask, scale, prefix_index, window=None,
+                  softcap=None, sinks=None, cu_seqlens=None) -> torch.Tensor:
+    """fp32 `[B, Hq, L]` log-sum-exp of each row's visible scores and sink (natural log, +inf for an empty row)."""
+    f = Features(causal, window, softcap, sinks)
+    return _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, f, scale, 0.0,
+                      None)[1]
 
 
-def _attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, prefix_index, dropout_p,
-               dropout_mask, with_lse):
+def _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, f, scale, dropout_p,
+               dropout_mask):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores, visible, values = _scores_and_values(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale,
-                                                 prefix_index)
-    # A row with no visible key (only possible when P = 0) outputs zeros, not the NaN softmax would give.
-    any_visible = visible.any(dim=-1, keepdim=True)
-    scores = torch.where(any_visible, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
-    lse = None
-    if with_lse:  # for the op's contract only; no gradient flows through it
-        with torch.no_grad():
-            lse = torch.logsumexp(scores.float(), dim=-1)
-            lse = torch.where(any_visible.squeeze(-1), lse, torch.full_like(lse, float("inf")))
+    group = q.shape[1] // k.shape[1]
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    probs = (torch.softmax(scores, dim=-1, dtype=softmax_dtype) * any_visible).to(q.dtype)
-    if dropout_p > 0.0:
-        probs = probs * dropout_mask / (1.0 - dropout_p)
-    return torch.matmul(probs, values), lse
+    outs, lses = [], []
+    for _, qs, ks, vs, kpm, index, mask in _segments(q, k, v, key_padding_mask, prefix_index, cu_seqlens,
+                                                      dropout_mask, prefix_k.shape[-2]):
+        probs, lse, _ = _probabilities(qs, ks, prefix_k, kpm, index, scale, f, softmax_dtype)
+        probs = probs.to(q.dtype)
+        if dropout_p > 0.0:
+            probs = probs * mask / (1.0 - dropout_p)
+        outs.append(torch.matmul(probs, _keys(prefix_v, vs, index, group)))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _keep_mask(q, k, prefix_k, dropout_p, seed):
@@ -99,53 +153,60 @@ def _keep_mask(q, k, prefix_k, dropout_p, seed):
     return torch.rand(shape, generator=generator, device=q.device) >= dropout_p
 
 
-def reference_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, causal, scale, dropout_p, seed,
-                  deterministic):
+def _features(causal, window, softcap, sinks) -> Features:
+    """The op schema's encoding (window 0 and softcap 0.0 mean off) as Features."""
+    return Features(causal, window or None, softcap or None, sinks)
+
+
+def reference_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens, sinks, causal, window,
+                  softcap, scale, dropout_p, seed, deterministic):
     mask = _keep_mask(q, k, prefix_k, dropout_p, seed) if dropout_p > 0.0 else None
-    out, lse = _attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, prefix_index, dropout_p,
-                          mask, with_lse=True)
+    out, lse = _attention(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_index, cu_seqlens,
+                          _features(causal, window, softcap, sinks), scale, dropout_p, mask)
     return torch.empty_like(q).copy_(out), lse
 
 
-def reference_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, causal, scale,
-                  dropout_p, seed, deterministic, output_mask):
+def reference_bwd(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_index, cu_seqlens,
+                  sinks, causal, window, softcap, scale, dropout_p, seed, deterministic, output_mask):
     """The gradients by the textbook formulas on the recomputed probabilities (no autograd: an op's kernel runs
     below the autograd key, e.g. under a dispatch mode). With Z the kept/(1 - p) dropout factors:
-    dV = (P Z)^T dO, dP = (dO V^T) Z, dS = P (dP - rowsum(dO O)), dQ = s dS K, dK = s dS^T Q; the prefix and
-    GQA parts are summed back from the expanded keys."""
-    B, Hq, L, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    P, group = prefix_k.shape[-2], Hq // Hkv
+    dV = (P Z)^T dO, dP = (dO V^T) Z, dS = P (dP - rowsum(dO O)) (times 1 - tanh^2 under softcap),
+    dQ = s dS K, dK = s dS^T Q; the prefix and GQA parts are summed back from the expanded keys. The sinks'
+    gradient is not an output of the op: the autograd formula derives it from lse (library.py)."""
     wants = (output_mask[0], output_mask[1], output_mask[2])
     if not any(wants):
         return tuple(t.new_empty((0,)) for t in (q, k, v, prefix_k, prefix_v))
-    scores, visible, values = _scores_and_values(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale,
-                                                 prefix_index)
+    f = _features(causal, window, softcap, sinks)
+    Hq, D = q.shape[1], q.shape[3]
+    Hkv, P = k.shape[1], prefix_k.shape[-2]
+    group = Hq // Hkv
     work = torch.promote_types(q.dtype, torch.float32)
-    # Recomputed as the forward did (the fp32 lse would cap a float64 oracle at fp32 precision).
-    any_visible = visible.any(dim=-1, keepdim=True)
-    scores = torch.where(any_visible, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
-    probs = torch.softmax(scores, dim=-1, dtype=work) * any_visible
-    keys = torch.cat([_expand_prefix(prefix_k, prefix_index, B), k], dim=2).repeat_interleave(group, dim=1)
-    do = grad_out.to(work)
     factor = _keep_mask(q, k, prefix_k, dropout_p, seed).to(work) / (1.0 - dropout_p) if dropout_p > 0.0 else None
-    dp = torch.matmul(do, values.to(work).transpose(-1, -2))
-    if factor is not None:
-        dp = dp * factor
-    ds = probs * (dp - (do * out.to(work)).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, keys.to(work)) * scale if wants[0] else None
-    dkeys = torch.matmul(ds.transpose(-1, -2), q.to(work)) * scale  # [B, Hq, P + S, D]
-    dvalues = torch.matmul((probs if factor is None else probs * factor).transpose(-1, -2), do)
-    # Back to KV heads, then split prefix and sequence columns.
-    dkeys = dkeys.view(B, Hkv, group, P + S, D).sum(2)
-    dvalues = dvalues.view(B, Hkv, group, P + S, D).sum(2)
-    dk, dv = (dkeys[:, :, P:], dvalues[:, :, P:]) if wants[1] else (None, None)
-    dpk = dpv = None
-    if wants[2]:
-        dpk, dpv = (_reduce_prefix(g[:, :, :P], prefix_k, prefix_index) for g in (dkeys, dvalues))
+    dq, dk, dv = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (q, k, v))
+    dpk, dpv = (torch.zeros(prefix_k.shape, dtype=work, device=q.device) for _ in range(2))
+    for rows, qs, ks, vs, kpm, index, z in _segments(q, k, v, key_padding_mask, prefix_index, cu_seqlens, factor, P):
+        B, S = qs.shape[0], ks.shape[2]
+        # Recomputed as the forward did (the fp32 lse would cap a float64 oracle at fp32 precision).
+        probs, _, tanh = _probabilities(qs, ks, prefix_k, kpm, index, scale, f, work)
+        do = grad_out[:, :, rows].to(work)
+        dp = torch.matmul(do, _keys(prefix_v, vs, index, group).to(work).transpose(-1, -2))
+        if z is not None:
+            dp = dp * z
+        ds = probs * (dp - (do * out[:, :, rows].to(work)).sum(-1, keepdim=True))
+        if tanh is not None:
+            ds = ds * (1 - tanh.to(work) ** 2)
+        dq[:, :, rows] = torch.matmul(ds, _keys(prefix_k, ks, index, group).to(work)) * scale
+        # Back to KV heads, then split prefix and sequence columns.
+        dkeys = (torch.matmul(ds.transpose(-1, -2), qs.to(work)) * scale).view(B, Hkv, group, P + S, D).sum(2)
+        dvalues = torch.matmul((probs if z is None else probs * z).transpose(-1, -2), do)
+        dvalues = dvalues.view(B, Hkv, group, P + S, D).sum(2)
+        dk[:, :, rows], dv[:, :, rows] = dkeys[:, :, P:], dvalues[:, :, P:]
+        dpk += _reduce_prefix(dkeys[:, :, :P], prefix_k, index)
+        dpv += _reduce_prefix(dvalues[:, :, :P], prefix_v, index)
     grads = (dq, dk, dv, dpk, dpv)
-    return tuple(t.new_empty((0,)) if g is None else torch.empty_like(t).copy_(g)
-                 for t, g in zip((q, k, v, prefix_k, prefix_v), grads))
+    kept = (wants[0], wants[1], wants[1], wants[2], wants[2])
+    return tuple(torch.empty_like(t).copy_(g) if w else t.new_empty((0,))
+                 for t, g, w in zip((q, k, v, prefix_k, prefix_v), grads, kept))
 
 
 def _expand_prefix(prefix, prefix_index, B):

@@ -61,11 +61,21 @@ def _buckets(L: int, S: int) -> tuple[int, int]:
     return triton.next_power_of_2(L), triton.next_power_of_2(max(S, 1))
 
 
+def _refuse_features(cu_seqlens, sinks, window, softcap) -> None:
+    # prefix_kernels.ops passes this backend over for calls that use these features; this guards direct calls.
+    for used, what in ((cu_seqlens is not None, "packed sequences (cu_seqlens)"), (sinks is not None, "sinks"),
+                       (window != 0, "sliding windows (window)"), (softcap != 0.0, "soft-capping (softcap)")):
+        if used:
+            raise NotImplementedError(f"the triton backend does not implement {what}")
+
+
 def triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool,
+    cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: int, softcap: float,
+    scale: float, dropout_p: float, seed: int, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _refuse_features(cu_seqlens, sinks, window, softcap)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
@@ -105,8 +115,10 @@ def triton_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
     prefix_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool, output_mask: list[bool],
+    cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: int, softcap: float,
+    scale: float, dropout_p: float, seed: int, deterministic: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _refuse_features(cu_seqlens, sinks, window, softcap)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
