@@ -12,6 +12,7 @@
 
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 // Every error of the C++ implementations carries the one prefix "prefix_kernels: ".
@@ -45,7 +46,8 @@ inline Problem check_inputs(at::DeviceType device, const at::Tensor& q, const at
                             const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& prefix_index, bool causal, double scale,
-                            double dropout_p, int64_t seed) {
+                            double dropout_p, int64_t seed,
+                            const std::optional<at::Tensor>& cu_seqlens = std::nullopt) {
   PREFIX_KERNELS_CHECK(q.device().type() == device, "q must be a ", c10::DeviceTypeName(device, true), " tensor");
   const auto dtype = q.scalar_type();
   PREFIX_KERNELS_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -71,8 +73,10 @@ inline Problem check_inputs(at::DeviceType device, const at::Tensor& q, const at
                          "prefix_k must be [T, Hkv, P, D] with prefix_index, got ", prefix_k.sizes());
     pr.T = prefix_k.size(0), pr.P = prefix_k.size(2);
     const at::Tensor& idx = *prefix_index;
-    PREFIX_KERNELS_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == pr.B,
-                         "prefix_index must be int64 [B]");
+    // Packed sequences choose a prefix each: [n] for cu_seqlens [n + 1].
+    const int64_t rows = cu_seqlens.has_value() ? cu_seqlens->numel() - 1 : pr.B;
+    PREFIX_KERNELS_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.size(0) == rows,
+                         "prefix_index must be int64 [B] ([n] with cu_seqlens [n + 1])");
     detail::check_on_q_device(idx, q, "prefix_index");
   } else {
     PREFIX_KERNELS_CHECK(prefix_k.dim() == 3 && prefix_k.size(0) == pr.Hkv && prefix_k.size(2) == pr.D,
@@ -105,6 +109,31 @@ inline void check_backward_inputs(const Problem& pr, const at::Tensor& q, const 
                            lse.size(1) == pr.Hq && lse.size(2) == pr.L,
                        "lse must be float32 [B, Hq, L]");
   detail::check_on_q_device(lse, q, "lse");
+}
+
+// The optional features' shapes (docs/op.md; window 0 and softcap 0 mean off), after check_inputs. The values
+// of cu_seqlens are left to the implementation (reading them would sync a GPU).
+inline void check_features(const Problem& pr, const at::Tensor& q, const std::optional<at::Tensor>& key_padding_mask,
+                           const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& sinks,
+                           int64_t window, double softcap) {
+  PREFIX_KERNELS_CHECK(window >= 0, "window must be >= 0 (0 = off)");
+  PREFIX_KERNELS_CHECK(softcap >= 0.0 && softcap < std::numeric_limits<double>::infinity(),
+                       "softcap must be finite and >= 0 (0 = off)");
+  if (sinks.has_value()) {
+    const at::ScalarType t = sinks->scalar_type();
+    PREFIX_KERNELS_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble) &&
+                             sinks->dim() == 1 && sinks->size(0) == pr.Hq,
+                         "sinks must be a float [Hq] tensor");
+    detail::check_on_q_device(*sinks, q, "sinks");
+  }
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    PREFIX_KERNELS_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
+                         "cu_seqlens must be int32 [n + 1]");
+    detail::check_on_q_device(cu, q, "cu_seqlens");
+    PREFIX_KERNELS_CHECK(pr.B == 1 && pr.L == pr.S && !key_padding_mask.has_value(),
+                         "cu_seqlens needs B = 1, L = S and no key_padding_mask");
+  }
 }
 
 // For an implementation without the op's optional features (docs/op.md; window 0 and softcap 0 mean off):

@@ -60,6 +60,8 @@ void probs_from_lse(float* s, int64_t rows, int64_t cols, const float* lse) {
 void softmax_grad(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta) {
   PK_DISPATCH(softmax_grad, p, dp, rows, cols, delta);
 }
+void softcap_scores(float* s, int64_t n, float cap, float* th) { PK_DISPATCH(softcap_scores, s, n, cap, th); }
+void softcap_grad(float* ds, const float* th, int64_t n) { PK_DISPATCH(softcap_grad, ds, th, n); }
 void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha) {
   PK_DISPATCH(scale_rows, acc, rows, cols, alpha);
 }

@@ -19,6 +19,13 @@ void probs_from_lse(float* s, int64_t rows, int64_t cols, const float* lse);
 // ds = p * (dp - delta[r]) row by row (written into dp).
 void softmax_grad(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta);
 
+// Soft-capping of n scaled scores: s = cap * tanh(s / cap), keeping tanh(s / cap) in th for the backward (th may
+// be null in the forward).
+void softcap_scores(float* s, int64_t n, float cap, float* th);
+
+// ds *= 1 - th^2 (n elements): the soft-cap's derivative, applied to the gradient of the capped scores.
+void softcap_grad(float* ds, const float* th, int64_t n);
+
 // acc[r, :] *= alpha[r].
 void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha);
 

@@ -44,6 +44,21 @@ PK_INLINE inline v8f vexp(v8f x) {
   return under ? splat(0.f) : (nan ? splat(std::numeric_limits<float>::quiet_NaN()) : res);
 }
 
+// tanhf to a few ulp (Cephes: an odd polynomial for |x| <= 0.625, 1 - 2 / (exp(2|x|) + 1) above, where
+// nothing cancels); NaN stays NaN and +-inf gives +-1.
+PK_INLINE inline v8f vtanh(v8f x) {
+  const v8f a = vmax(x, -x);
+  const v8f z = x * x;
+  v8f p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const v8f small = p * z * x + x;
+  const v8f big = 1.f - 2.f / (vexp(a + a) + 1.f);
+  return a > splat(0.625f) ? (x < splat(0.f) ? -big : big) : small;
+}
+
 // Row r of s: s = exp(s - sub), returns the row sum. Columns past `cols` in the last vector are not touched.
 PK_INLINE inline float exp_row(float* row, int64_t cols, float sub) {
   v8f acc = splat(0.f);
@@ -120,6 +135,28 @@ inline void softmax_grad(const float* p, float* dp, int64_t rows, int64_t cols, 
     float* dr = dp + r * cols;
     for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
   }
+}
+
+inline void softcap_scores(float* s, int64_t n, float cap, float* th) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const v8f t = vtanh(load8(s + c) / cap);
+    if (th != nullptr) store8(th + c, t);
+    store8(s + c, t * cap);
+  }
+  if (c < n) {  // the tail through a padded vector, so every element gets the same tanh
+    float tmp[8] = {};
+    std::copy(s + c, s + n, tmp);
+    const v8f t = vtanh(load8(tmp) / cap);
+    for (int k = 0; c + k < n; ++k) {
+      if (th != nullptr) th[c + k] = t[k];
+      s[c + k] = t[k] * cap;
+    }
+  }
+}
+
+inline void softcap_grad(float* ds, const float* th, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) ds[i] *= 1.f - th[i] * th[i];
 }
 
 inline void scale_rows(float* acc, int64_t rows, int64_t cols, const float* alpha) {

@@ -38,7 +38,7 @@ FEATURES = {
 }
 _IMPLEMENTS = {
     "reference": frozenset(FEATURES),
-    "cpu": frozenset(),
+    "cpu": frozenset(FEATURES),
     "triton": frozenset(),
     "cuda": frozenset(),
 }
