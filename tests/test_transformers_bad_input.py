@@ -263,10 +263,9 @@ def test_different_key_and_value_head_sizes_are_refused():
 @pytest.mark.parametrize("name,value,words", [
     ("some_new_feature", torch.zeros(1), "'some_new_feature'"),
     ("some_new_flag", None, "'some_new_flag'"),
-    ("sliding_window", 4, "sliding-window attention (sliding_window=4)"),
-    ("softcap", 30.0, "soft-capping"),
-    ("s_aux", torch.zeros(4), "attention sinks"),
+    ("position_bias", torch.zeros(1, 4, 2, 2), "additive position bias (position_bias=tensor of shape (1, 4, 2, 2))"),
     ("cu_seq_lens_q", torch.zeros(3), "packed (varlen) sequences"),
+    ("seq_idx", torch.zeros(1, 3), "packed (varlen) sequences"),
 ])
 def test_attention_keywords_outside_the_allowlist_are_refused(name, value, words):
     from prefix_kernels.transformers.attention import check_attention_kwargs
@@ -274,8 +273,54 @@ def test_attention_keywords_outside_the_allowlist_are_refused(name, value, words
     with pytest.raises(NotImplementedError) as e:
         check_attention_kwargs({name: value})
     assert words in str(e.value)
+    # the window, soft-capping and sinks are honoured per call; the packing keywords when the forward is packed
     check_attention_kwargs(dict(position_ids=None, cache_position=None, is_causal=True, output_attentions=False,
-                                use_cache=True, sliding_window=None, softcap=None))
+                                use_cache=True, sliding_window=4, softcap=30.0, s_aux=torch.zeros(4)))
+    check_attention_kwargs(dict(cu_seq_lens_q=torch.zeros(3), max_length_q=2, seq_idx=torch.zeros(1, 3)), packed=True)
+
+
+def test_mask_patterns_the_op_cannot_apply_are_refused_by_name():
+    """The mask function transformers composes is read by its structure: causal or bidirectional, the causal
+    sliding window and packed sequences are applied; anything else is named and refused by the layers using it."""
+    from transformers import masking_utils as mu
+
+    from prefix_kernels.transformers.attention import MaskPattern, mask_pattern, prefix_mask_function
+
+    assert mask_pattern(mu.causal_mask_function) == MaskPattern(True)
+    assert mask_pattern(mu.bidirectional_mask_function) == MaskPattern(False)
+    assert mask_pattern(mu.sliding_window_causal_mask_function(7)) == MaskPattern(True, 7)
+    packed = mu.and_masks(mu.sliding_window_causal_mask_function(5),
+                          mu.packed_sequence_mask_function(torch.zeros(1, 4)))
+    assert mask_pattern(packed) == MaskPattern(True, 5, True)
+    refused = {
+        "chunked attention": mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+        "a union of mask patterns": mu.or_masks(mu.causal_mask_function, lambda *a: torch.tensor(True)),
+        "another mask pattern": lambda b, h, q, kv: q >= kv,
+    }
+    if hasattr(mu, "sliding_window_bidirectional_overlay"):  # ModernBERT's, from transformers 5.x (not 5.0)
+        refused[r"bidirectional \(symmetric\) sliding-window attention"] = mu.and_masks(
+            mu.bidirectional_mask_function, mu.sliding_window_bidirectional_overlay(3))
+    for words, fn in refused.items():
+        mask = prefix_mask_function(1, q_length=4, kv_length=4, q_offset=0, mask_function=fn)
+        assert mask.unsupported is not None and __import__("re").search(words, mask.unsupported), mask.unsupported
+    # a sliding cache dropped the oldest keys: the key padding is the slice of the mask for the keys kept
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    mask = prefix_mask_function(1, q_length=1, kv_length=4, q_offset=7, kv_offset=4, attention_mask=attention_mask,
+                                mask_function=mu.sliding_window_causal_mask_function(4))
+    assert mask.unsupported is None and mask.window == 4 and mask.key_padding_mask.tolist() == [[True] * 4]
+    mask = prefix_mask_function(1, q_length=1, kv_length=4, q_offset=2, kv_offset=4, attention_mask=attention_mask)
+    assert "aligns the queries with the end of the keys" in mask.unsupported
+
+
+def test_a_window_the_mask_and_the_keyword_disagree_on_is_refused():
+    from prefix_kernels.transformers.attention import PrefixMask, attention_features
+
+    assert attention_features({"sliding_window": 4}, PrefixMask(None, True, window=4), True, 10) == (4, None, None)
+    assert attention_features({"sliding_window": 4}, PrefixMask(None, True, window=4), True, 4) == (None, None, None)
+    with pytest.raises(NotImplementedError, match="sliding_window=4 but its mask has no window"):
+        attention_features({"sliding_window": 4}, PrefixMask(None, True), True, 10)
+    with pytest.raises(NotImplementedError, match="bidirectional sliding-window"):
+        attention_features({"sliding_window": 4}, None, False, 10)
 
 
 def test_unknown_attention_keyword_in_a_model_is_refused_by_name():
@@ -391,7 +436,7 @@ def test_modernbert_wraps_trains_and_equals_an_oracle():
 def test_modernbert_local_attention_is_refused_by_name():
     _skip_unless_modernbert_is_on_the_interface()
     model = _modernbert(global_every=2)
-    with pytest.raises(ValueError, match="sliding"):
+    with pytest.raises(ValueError, match=r"bidirectional \(symmetric\) sliding-window attention"):
         pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
     assert getattr(model, "_prefix_kernels_model", None) is None  # refused before anything was changed
 
@@ -423,19 +468,50 @@ def _mistral(sliding_window):
                                             sliding_window=sliding_window))
 
 
+def _llama4_chunked():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    return Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, attention_chunk_size=8))
+
+
+def _qwen2_layer_types(layer_types):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                        use_sliding_window=True, layer_types=layer_types))
+
+
 @pytest.mark.parametrize("make,words", [
-    # Mistral-7B-v0.1's real window, refused whatever the input length
-    (lambda: _mistral(4096), r"sliding-window attention \(sliding_window=4096\)"),
-    # Gemma 2: alternating sliding/full layers and soft-capping
-    (lambda: __import__("transformers").Gemma2ForCausalLM(__import__("transformers").Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8)), r"layer types \['sliding_attention'\].*soft-capping"),
-], ids=["mistral-4096", "gemma2"])
+    # Llama 4: chunked attention
+    (_llama4_chunked, r"layer types \['chunked_attention'\].*chunked attention \(attention_chunk_size=8\)"),
+    # any layer type beyond full and sliding attention
+    (lambda: _qwen2_layer_types(["full_attention", "chunked_attention"]),
+     r"layer types \['chunked_attention'\] \(supported: full_attention, sliding_attention\)"),
+], ids=["llama4-chunked", "unknown-layer-type"])
 def test_attention_features_the_op_lacks_are_refused_at_wrap_time(make, words):
     model = make()
+    attn = model.config._attn_implementation
     with pytest.raises(ValueError, match=words):
         pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
-    assert getattr(model, "_prefix_kernels_model", None) is None
+    assert_untouched(model, attn)
+
+
+def test_windows_softcapping_and_sinks_wrap():
+    """Formerly refused at wrap time, now applied per call (tests/test_transformers_features.py): Mistral-7B-v0.1's
+    window, Gemma 2's alternating layers with soft-capping."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    for model in (_mistral(4096), gemma2):
+        pm = pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
+        ids = tokens(2, 5) % 60 + 3
+        assert torch.isfinite(pm(input_ids=ids, labels=ids).loss)
 
 
 def test_configs_without_a_window_in_use_wrap():

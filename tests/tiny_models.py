@@ -91,3 +91,77 @@ def bert_mlm():
                      vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, pad_token_id=0)
     return BertForMaskedLM(cfg).eval()
+
+
+# ---- families with sliding windows, soft-capping and sinks (tests/test_transformers_features.py) --------------
+# Small vocabularies and widths; GQA (4 query heads, 2 KV heads) everywhere; no dropout.
+
+def mistral(sliding_window=None, num_hidden_layers=2):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window, pad_token_id=0)
+    return MistralForCausalLM(cfg).eval()
+
+
+def phi3(sliding_window=None):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                     max_position_embeddings=4096, original_max_position_embeddings=4096)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def qwen2(sliding_window=4096, use_sliding_window=True, max_window_layers=1, num_hidden_layers=2, layer_types=None):
+    """Qwen2 with `use_sliding_window`: layers from `max_window_layers` on slide (or explicit `layer_types`)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    kw = {} if layer_types is None else dict(layer_types=layer_types)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window,
+                      use_sliding_window=use_sliding_window, max_window_layers=max_window_layers, pad_token_id=0, **kw)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def gemma2(sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0):
+    """Gemma 2: layers alternate sliding and full attention, scores soft-capped (`softcap` per call)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=sliding_window,
+                       attn_logit_softcapping=attn_logit_softcapping, final_logit_softcapping=final_logit_softcapping,
+                       query_pre_attn_scalar=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+def gemma3(sliding_window=4096, layer_types=("sliding_attention", "full_attention")):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=sliding_window,
+                           layer_types=list(layer_types), query_pre_attn_scalar=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def gpt_oss(sliding_window=128):
+    """GPT-OSS: attention sinks (`s_aux`) on every layer, sliding and full layers alternating; a tiny MoE."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                       num_experts_per_tok=1, sliding_window=sliding_window, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, layer_types=["sliding_attention", "full_attention"])
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # the init leaves the sinks near 0; make them matter
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model

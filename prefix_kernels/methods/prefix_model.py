@@ -11,7 +11,10 @@ forward, and for encoder-decoders its encoder, which `generate` calls directly):
   parameters are unchanged (every decoding step of `generate` is a model call);
 - the same hook shifts the positions of real tokens by P (`position_offset=True`, what PEFT and the P-Tuning
   v2 code do) and derives them from the attention mask, so that left padding gives the same results as no
-  padding. The prefix never enters the KV cache: the cache holds real tokens only.
+  padding. The prefix never enters the KV cache: the cache holds real tokens only;
+- and it finds packed sequences (padding-free batches: `DataCollatorWithFlattening`'s position ids that restart
+  per sequence, or its `cu_seq_lens_q/k`), once per forward, as the op's `cu_seqlens` in the state: every layer
+  then attends within each sequence, with no dense mask.
 
 `state_dict()` / `load_state_dict()` hold the adapter only (`AdapterStateDict`), so that transformers.Trainer
 checkpoints are the adapter, loadable with `PrefixModel.from_pretrained(base, checkpoint_dir)`.
@@ -47,7 +50,11 @@ class PrefixState:
     - `layer_prefix(slot, dtype)`: that layer's prefix keys and values `[Hkv, P, D]` for the current step, in
       `dtype`. The step's prefix `[layers, 2, Hkv, P, D]` is cast once per (step, dtype), not once per layer.
     - `prefix_index`: None here (every row reads the one prefix); see `BankState`.
-    - `backend_for(device)`: the op's `Backend` record, resolved once per device for the model's lifetime.
+    - `cu_seqlens`: int32 `[n + 1]` when the current forward packs n sequences in one row (set by the
+      wrapper's pre-forward hook, values checked there once), else None.
+    - `backend_for(device, features)`: the op's `Backend` record for a device and the op features a layer
+      uses (`ops.backends.features_of`: window, softcap, sinks, packed), resolved once per (device, features)
+      for the model's lifetime: Gemma 2's sliding and full layers resolve one record each, once.
 
     `enter`/`exit` bracket a model call (calls nest: an encoder-decoder's encoder inside its forward); the
     prefix encoder runs on the outermost `enter`, except that without autograd and dropout its last output is
@@ -58,10 +65,11 @@ class PrefixState:
         self.encoder = encoder
         self.backend_name = backend_name
         self.prefix_index: torch.Tensor | None = None
+        self.cu_seqlens: torch.Tensor | None = None
         self.depth = 0
         self._kv: torch.Tensor | None = None
         self._kv_by_dtype: dict[torch.dtype, torch.Tensor] = {}
-        self._backends: dict[torch.device, Backend] = {}
+        self._backends: dict[tuple[torch.device, tuple[str, ...]], Backend] = {}
         self._kv_key: tuple | None = None
 
     def set_kv(self, kv: torch.Tensor | None, key: tuple | None = None) -> None:
@@ -111,10 +119,12 @@ class PrefixState:
             kv = self._kv_by_dtype[dtype] = self._kv.to(dtype)
         return kv[slot, 0], kv[slot, 1]
 
-    def backend_for(self, device: torch.device) -> Backend:
-        record = self._backends.get(device)
+    def backend_for(self, device: torch.device, features: tuple[str, ...] = ()) -> Backend:
+        key = (device, features)
+        record = self._backends.get(key)
         if record is None:
-            record = self._backends[device] = resolve_backend(self.backend_name, device)
+            record = self._backends[key] = (resolve_backend(self.backend_name, device, features=features) if features
+                                            else resolve_backend(self.backend_name, device))
         return record
 
 
@@ -285,14 +295,84 @@ class PrefixModel(PeftCompatMixin, AdapterStateDict, TrainableParameters):
         named = self._as_kwargs(args, kwargs)
         self._check_mask_batch(named)
         refuse_static_cache(named.get("past_key_values"))
+        outermost = self._state.depth == 0
+        cu_seqlens = self._packing(named) if outermost else self._state.cu_seqlens
         if self.layout.position_style in ("position_ids", "roberta"):
-            kwargs = self._as_kwargs(args, kwargs)
+            kwargs = named
             args = ()
-            positions = self._positions(kwargs)
+            positions = self._positions(kwargs, cu_seqlens)
             if positions is not None:
                 kwargs["position_ids"] = positions
+        if outermost:
+            self._state.cu_seqlens = cu_seqlens
         self._state.enter()
         return args, kwargs
+
+    # ------------------------------------------------------------------ packed sequences (padding-free batches)
+    def _packing(self, kw: dict) -> torch.Tensor | None:
+        """The op's `cu_seqlens` (int32 `[n + 1]`) when this call packs n > 1 sequences in its one row, else None.
+
+        Two signals, as transformers reads them: the flash-attention keywords `cu_seq_lens_q` / `cu_seq_lens_k`
+        (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`), or, without an attention mask and without
+        a cache, `position_ids` that restart inside a row (a step other than +1 starts a sequence:
+        `masking_utils.find_packed_sequence_indices`). transformers' own non-flash attention looks at the
+        position ids only when the model made no cache (`use_cache=False`); here they are read whatever
+        `use_cache` says, so that a packed training batch never attends across its sequences. One device sync
+        per forward (and none for a call with an attention mask, a cache or no position ids). Decoders only:
+        transformers' encoders never pack."""
+        if self.layout.kind != "decoder":
+            return None
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        if ref is None or ref.ndim < 2:
+            return None
+        B, S = ref.shape[0], ref.shape[1]
+        cu_q, cu_k = kw.get("cu_seq_lens_q"), kw.get("cu_seq_lens_k")
+        if cu_q is not None or cu_k is not None:
+            return self._cu_seqlens_from_kwargs(cu_q, cu_k, B, S, ref.device, kw.get("attention_mask"))
+        positions = kw.get("position_ids")
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if positions is None or kw.get("attention_mask") is not None or cache is not None or positions.ndim != 2:
+            return None
+        if positions.shape[-1] != S:
+            return None  # the model refuses it itself
+        positions = positions.to(ref.device).expand(B, -1)
+        step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+        starts = (step != 1).nonzero()  # [(row, token)] where a sequence starts after another: the one sync
+        if starts.shape[0] == 0:
+            return None
+        if B != 1:
+            rows = sorted(set(starts[:, 0].tolist()))
+            raise NotImplementedError(
+                f"packed sequences (position_ids restarting inside a row: rows {rows}) are supported in a batch of one "
+                f"row (B = 1, as DataCollatorWithFlattening makes it), got {B} rows; pad the batch with an "
+                "attention_mask instead, or flatten it into one row")
+        ends = torch.tensor([S], dtype=torch.int32, device=ref.device)
+        return torch.cat([torch.zeros(1, dtype=torch.int32, device=ref.device), starts[:, 1].to(torch.int32), ends])
+
+    @staticmethod
+    def _cu_seqlens_from_kwargs(cu_q, cu_k, B: int, S: int, device, mask) -> torch.Tensor:
+        """`cu_seq_lens_q/k` checked once (one sync): one row, no attention mask, q == k, 0 .. S, never
+        decreasing."""
+        if cu_q is None or cu_k is None:
+            raise ValueError("packed sequences need both cu_seq_lens_q and cu_seq_lens_k (self-attention: equal), "
+                             f"got only {'cu_seq_lens_q' if cu_k is None else 'cu_seq_lens_k'}")
+        if B != 1:
+            raise ValueError(f"packed sequences (cu_seq_lens_q) take one row (batch 1), got {B} rows")
+        if mask is not None:
+            raise ValueError("packed sequences (cu_seq_lens_q) take no attention_mask: every token is real")
+        cu_q, cu_k = (torch.as_tensor(c, device=device) for c in (cu_q, cu_k))
+        for name, c in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+            if c.ndim != 1 or c.shape[0] < 2 or c.dtype.is_floating_point or c.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor [n + 1] (n >= 1 sequences), got "
+                                 f"{c.dtype} of shape {tuple(c.shape)}")
+        if cu_q.shape != cu_k.shape:
+            raise ValueError(f"cu_seq_lens_q and cu_seq_lens_k must be equal (self-attention), got shapes "
+                             f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+        bad = (cu_q != cu_k).any() | (cu_q[0] != 0) | (cu_q[-1] != S) | (torch.diff(cu_q) < 0).any()
+        if bool(bad):
+            raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k must be equal, start at 0, end at the {S} tokens and "
+                             f"never decrease, got {cu_q.tolist()} and {cu_k.tolist()}")
+        return cu_q.to(torch.int32)
 
     @staticmethod
     def _check_mask_batch(kw: dict) -> None:
@@ -315,19 +395,24 @@ class PrefixModel(PeftCompatMixin, AdapterStateDict, TrainableParameters):
     def _offset(self) -> int:
         return self.prefix_config.num_virtual_tokens if self.prefix_config.position_offset else 0
 
-    def _positions(self, kw: dict) -> torch.Tensor | None:
+    def _positions(self, kw: dict, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor | None:
         """The position_ids of this call's tokens: the caller's, or the model's own numbering (from the
-        attention mask when it covers the cache and the new tokens), real tokens shifted by the offset. With
-        the adapter disabled, the base model's own: the caller's position_ids or none."""
-        if self._prefix_disabled:
-            return kw.get("position_ids")
+        attention mask when it covers the cache and the new tokens; per sequence in a packed row), real tokens
+        shifted by the offset. With the adapter disabled, the base model's own: the caller's position_ids, those
+        of a packed row, or none."""
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         ref = ids if ids is not None else embeds
+        if self._prefix_disabled:
+            if kw.get("position_ids") is None and cu_seqlens is not None and ref is not None:
+                return self._packed_positions(cu_seqlens, ref.shape[1], 0)
+            return kw.get("position_ids")
         if ref is None:
             return None
         seq_len = ref.shape[1]
         if kw.get("position_ids") is not None:
             positions = kw["position_ids"] + self._offset
+        elif cu_seqlens is not None:
+            positions = self._packed_positions(cu_seqlens, seq_len, self._offset)
         else:
             cache = kw.get("cache", kw.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
@@ -340,6 +425,13 @@ class PrefixModel(PeftCompatMixin, AdapterStateDict, TrainableParameters):
                 positions = self._positions_in_order(past, seq_len, ref.device)
         self._check_positions(positions, seq_len)
         return positions
+
+    @staticmethod
+    def _packed_positions(cu_seqlens: torch.Tensor, seq_len: int, offset: int) -> torch.Tensor:
+        """`offset .. offset + len - 1` inside each packed sequence, `[1, S]` (no sync: the size is known)."""
+        cu = cu_seqlens.long()
+        starts = torch.repeat_interleave(cu[:-1], torch.diff(cu), output_size=seq_len)
+        return (torch.arange(seq_len, device=cu.device) - starts + offset).unsqueeze(0)
 
     def _positions_from_mask(self, real: torch.Tensor) -> torch.Tensor:
         """Real tokens numbered in order whatever the padding (RoBERTa: from padding_idx + 1, padding at

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .attention import ATTN_IMPLEMENTATION
@@ -35,6 +34,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("BERT", ("bert",), "encoder"),
     Family("RoBERTa", ("roberta",), "encoder"),
     Family("BART", ("bart",), "encoder-decoder"),
+    # sliding windows, soft-capping, sinks (tests/test_transformers_features.py)
+    Family("Mistral", ("mistral",), "decoder"),
+    Family("Phi-3", ("phi3",), "decoder"),
+    Family("Qwen2", ("qwen2",), "decoder"),
+    Family("Gemma 2", ("gemma2",), "decoder"),
+    Family("Gemma 3", ("gemma3_text",), "decoder"),
+    Family("GPT-OSS", ("gpt_oss",), "decoder"),
 )
 
 UNSUPPORTED: dict[str, str] = {
@@ -48,7 +54,7 @@ UNSUPPORTED: dict[str, str] = {
 def supported_families_text() -> str:
     tested = ", ".join(f.name for f in FAMILIES)
     return (f"tested families: {tested}; any other model whose attention calls transformers' AttentionInterface "
-            f"(Mistral, Qwen2/3, Gemma, Phi3, GPT-NeoX, OPT, XLM-R, ELECTRA, ...) is handled generically")
+            f"(Qwen3, Gemma, GPT-NeoX, OPT, XLM-R, ELECTRA, ...) is handled generically")
 
 
 def family_of(model_type: str) -> Family | None:
@@ -140,23 +146,36 @@ def _kv_heads_and_head_dim(config) -> tuple[int, int, list[str]]:
     return kv_heads, head_dim, problems
 
 
+# The layer types whose attention the op applies: full attention and causal sliding windows (the window and the
+# layer's other features, soft-capping and sinks, come with each call: `attention.attention_features`).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def _attention_features_not_supported(config, modules: list[tuple[str, nn.Module]]) -> list[str]:
     """Attention features the fused op does not apply, read from the config when the model is wrapped, so that
     such a model is refused before it runs rather than at its first forward (or, for a window longer than the
-    inputs of a test, not at all)."""
+    inputs of a test, not at all). Causal sliding windows (Mistral, Phi-3, Qwen2, Gemma 2/3, GPT-OSS), logit
+    soft-capping (Gemma 2) and sinks (GPT-OSS) are applied per call; what is refused here: layer types other than
+    full and sliding attention (chunked, linear, ...), chunked attention, and sliding windows in layers that
+    are not causal (ModernBERT's local layers, Gemma 3 with bidirectional attention: a symmetric window)."""
     found = []
     layer_types = getattr(config, "layer_types", None)
-    if layer_types:  # the per-layer truth where transformers gives one (Qwen2's use_sliding_window, ModernBERT)
-        local = sorted({t for t in layer_types if t != "full_attention"})
-        if local:
-            found.append(f"layer types {local} (sliding-window or other local attention)")
-    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        found.append(f"sliding-window attention (sliding_window={config.sliding_window})")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        found.append(f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})")
-    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for _, m in modules):
-        found.append("attention sinks (a learned logit per head)")
-    return [f"prefix_kernels does not support {what} yet" for what in found]
+    if layer_types:  # the per-layer truth where transformers gives one (Qwen2's use_sliding_window, Gemma 2/3)
+        other = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if other:
+            found.append(f"layer types {other} (supported: {', '.join(SUPPORTED_LAYER_TYPES)})")
+        sliding = "sliding_attention" in layer_types
+    else:
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None:
+        found.append(f"chunked attention (attention_chunk_size={chunk})")
+    bidirectional = sorted({type(m).__name__ for _, m in modules if not getattr(m, "is_causal", True)})
+    if sliding and bidirectional:
+        found.append(f"bidirectional (symmetric) sliding-window attention (sliding_window="
+                     f"{getattr(config, 'sliding_window', None)} in the local layers of {', '.join(bidirectional)}, "
+                     f"which are not causal)")
+    return [f"prefix_kernels does not support {what}" for what in found]
 
 
 def detect(model: nn.Module) -> ModelLayout:
