@@ -93,3 +93,16 @@ def test_peak_memory_mib_counts_the_call_not_its_setup():
         del x
 
     assert 48 < common.peak_memory_mib(call, "cpu", setup=setup) < 96
+
+
+def test_feature_benchmark_measures_every_variant_on_every_backend_that_has_it():
+    import features
+
+    layer = features.Layer(2, 2, 1, 24, 3, 16, causal=True)
+    cases = [features.Case("tiny", layer, (features.Variant("plain"), features.Variant("window", {"window": 4}),
+                                           features.Variant("padded", lengths=(5, 9)),
+                                           features.Variant("packed", lengths=(5, 9), packed=True)))]
+    rows, table = features.measure(cases, ["cpu", "reference"], "cpu", "float32", reps=1, modes=["fwd+bwd"])
+    got = {(r["variant"], r["backend"]) for r in rows}
+    assert got == {(v, b) for v in ("plain", "window", "padded", "packed") for b in ("cpu", "reference")}
+    assert all(r["ms"] > 0 and r["vs_first_variant"] > 0 for r in rows) and len(table) == len(rows)
