@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prefix_kernels.ops.triton.configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
+from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
+                                               TILE_CONFIGS)
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -19,8 +20,8 @@ sys.path.insert(0, str(TOOLS))
 import ptxas  # noqa: E402
 
 ARCHS = (80, 90)
-PLAIN = [("bwd_preprocess", "bf16", "no", d_pad, str(PREPROCESS_TILE[0]), "-", *map(str, PREPROCESS_TILE[2:]))
-         for d_pad in ("64", "128", "256")] + [("dropout_mask", "-", "yes", "-", *map(str, DROPOUT_MASK_TILE))]
+PLAIN = [("bwd_preprocess", "bf16", "no", "no", d_pad, str(PREPROCESS_TILE[0]), "-", *map(str, PREPROCESS_TILE[2:]))
+         for d_pad in ("64", "128", "256")] + [("dropout_mask", "-", "yes", "no", "-", *map(str, DROPOUT_MASK_TILE))]
 
 
 def _ptxas() -> str | None:
@@ -39,17 +40,23 @@ def _ptxas() -> str | None:
 
 
 def expected_rows() -> Counter:
-    """(kernel, dtype, DROPOUT, D_PAD, BLOCK_M, BLOCK_N, warps, stages, arch) of every shipped launch."""
+    """(kernel, dtype, DROPOUT, FEATURES, D_PAD, BLOCK_M, BLOCK_N, warps, stages, arch) of every shipped launch
+    (FEATURES: the attention kernels' feature tiles with window, softcap, sinks and packed sequences on)."""
     rows = Counter()
     for arch in ARCHS:
         for kernel, buckets in TILE_CONFIGS.items():
             for d_pad, tiles in buckets.items():
-                variants = [("bf16", "yes")]
+                variants = [("bf16", "yes", "no")]
                 if kernel == "fwd":
-                    variants.append(("bf16", "no"))
+                    variants.append(("bf16", "no", "no"))
                 for bm, bn, w, s in tiles:
-                    for dtype, dropout in variants:
-                        rows[(kernel, dtype, dropout, str(d_pad), str(bm), str(bn), str(w), str(s), f"sm_{arch}")] += 1
+                    for variant in variants:
+                        rows[(kernel, *variant, str(d_pad), str(bm), str(bn), str(w), str(s), f"sm_{arch}")] += 1
+        for kernel, buckets in FEATURE_TILE_CONFIGS.items():
+            for d_pad, tiles in buckets.items():
+                for bm, bn, w, s in tiles:
+                    rows[(kernel, "bf16", "yes", "yes", str(d_pad), str(bm), str(bn), str(w), str(s),
+                          f"sm_{arch}")] += 1
         for plain in PLAIN:
             rows[(*plain, f"sm_{arch}")] += 1
     return rows
@@ -61,7 +68,7 @@ def table_rows(text: str) -> Counter:
         if not line.startswith("| ") or line.startswith("| kernel |"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        rows[tuple(cells[:9])] += 1
+        rows[tuple(cells[:10])] += 1
     return rows
 
 

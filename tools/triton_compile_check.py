@@ -3,7 +3,10 @@
 Every shipped kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the
 "full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward also without
-dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128). The argument types and the integer
+dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128), and for every tile config of
+`configs.FEATURE_TILE_CONFIGS` the four attention kernels with every optional feature on (FEATURES: window,
+softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which packed sequences
+exclude). The argument types and the integer
 specializations (divisibility by 16, strides equal to 1 as constants) are those of a launch from `launch.py` on
 contiguous tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static
 shared memory ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
@@ -56,6 +59,7 @@ class Job:
     num_warps: int
     num_stages: int
     arch: int
+    features: bool = False  # WINDOW, SOFTCAP, SINKS (forward), PACKED on; HAS_KPM off
 
     @property
     def function(self) -> str:
@@ -82,7 +86,8 @@ class Row:
 
 def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
     """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
-    from prefix_kernels.ops.triton.configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, TILE_CONFIGS
+    from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
+                                                   TILE_CONFIGS)
 
     jobs = []
     for arch in archs:
@@ -96,6 +101,10 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
                             variants.append(("fp32", True))
                     for dtype, dropout in variants:
                         jobs.append(Job(kernel, dtype, dropout, d_pad, bm, bn, w, s, arch))
+        for kernel, buckets in FEATURE_TILE_CONFIGS.items():
+            for d_pad, tiles in sorted(buckets.items()):
+                for bm, bn, w, s in tiles[:1] if quick else tiles:
+                    jobs.append(Job(kernel, "bf16", True, d_pad, bm, bn, w, s, arch, features=True))
         bm, _, w, s = PREPROCESS_TILE
         for d_pad in BUCKETS:
             jobs.append(Job("bwd_preprocess", "bf16", False, d_pad, bm, None, w, s, arch))
@@ -136,6 +145,11 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
     tiles = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
     common = dict(GROUP=GROUP, D=D, D_PAD=D, DROPOUT=job.dropout,
                   DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32", **tiles)
+    on = job.features
+    flags = dict(WINDOW=on, SOFTCAP=on, PACKED=on)
+    # Packed sequences: 5 along the one row (n_seqs); a window of 128 keys, a cap of 30 (Gemma 2's 50 is alike).
+    features = dict(n_seqs=5 if on else 1, window=128 if on else 0, softcap=30.0 if on else 0.0)
+    kpm = not on
 
     def strides(**layouts):
         """The stride arguments: strides(q=("bhld", q_s)) -> {"stride_qb": ..., "stride_qh": ..., ...}."""
@@ -143,32 +157,33 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
                 for dim, value in zip(dims, values)}
 
     if job.kernel == "fwd":
-        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), OUT=t(),
-                    LSE=t(torch.float32))
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
+                    CU_SEQLENS=t(torch.int32), SINK_LOGITS=t(torch.float32), OUT=t(), LSE=t(torch.float32))
         args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
                             pv=("thpd", p_s), o=("bhld", q_s), kpm_=("bs", kpm_s)))
-        args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
-        consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
+        args.update(Hq=HQ, L=L, S=S, P=P, **features, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, SINKS=on, **flags, **common)
     elif job.kernel == "bwd_dq":
-        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64), DO=t(),
-                    LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t())
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
+                    CU_SEQLENS=t(torch.int32), DO=t(), LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t())
         args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
                             pv=("thpd", p_s), do=("bhld", q_s), dq=("bhld", q_s), kpm_=("bs", kpm_s)))
-        args.update(Hq=HQ, L=L, S=S, P=P, **scalars, **buckets)
-        consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, **common)
+        args.update(Hq=HQ, L=L, S=S, P=P, **features, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, **flags, **common)
     elif job.kernel == "bwd_dkdv":
-        args = dict(Q=t(), K=t(), V=t(), KPM=t(torch.uint8), DO=t(), LSE=t(torch.float32),
-                    DELTA=t(torch.float32), DK=t(), DV=t())
+        args = dict(Q=t(), K=t(), V=t(), KPM=t(torch.uint8), CU_SEQLENS=t(torch.int32), DO=t(),
+                    LSE=t(torch.float32), DELTA=t(torch.float32), DK=t(), DV=t())
         args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), do=("bhld", q_s),
                             dk=("bhsd", kv_s), dv=("bhsd", kv_s), kpm_=("bs", kpm_s)))
-        args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **scalars, **buckets)
-        consts = dict(CAUSAL=True, HAS_KPM=True, **common)
+        args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **features, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, **flags, **common)
     elif job.kernel == "bwd_dprefix":
         args = dict(Q=t(), PK=t(), PV=t(), PIDX=t(torch.int64), DO=t(), LSE=t(torch.float32),
                     DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32))
         args.update(strides(q=("bhld", q_s), pk=("thpd", p_s), pv=("thpd", p_s), do=("bhld", q_s)))
-        args.update(B=B, Hq=HQ, Hkv=HKV, L=L, S=S, P=P, T=T, n_splits=7, **scalars, **buckets)
-        consts = dict(MULTI_PREFIX=True, ATOMIC=False, **common)
+        args.update(B=B, Hq=HQ, Hkv=HKV, L=L, S=S, P=P, T=T, n_splits=7, softcap=features["softcap"], **scalars,
+                    **buckets)
+        consts = dict(MULTI_PREFIX=True, ATOMIC=False, SOFTCAP=on, PACKED=on, **common)
     elif job.kernel == "bwd_preprocess":
         args = dict(OUT=t(), DO=t(), DELTA=t(torch.float32))
         args.update(strides(o=("bhld", q_s), do=("bhld", q_s)))
@@ -303,8 +318,8 @@ def compile_job(job: Job) -> Row:
 # Table
 
 
-HEADER = ["kernel", "dtype", "DROPOUT", "D_PAD", "BLOCK_M", "BLOCK_N", "warps", "stages", "arch", "registers",
-          "spill stores", "spill loads", "smem bytes", "OK"]
+HEADER = ["kernel", "dtype", "DROPOUT", "FEATURES", "D_PAD", "BLOCK_M", "BLOCK_N", "warps", "stages", "arch",
+          "registers", "spill stores", "spill loads", "smem bytes", "OK"]
 
 
 def _cell(v):
@@ -316,15 +331,16 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         j = r.job
         ok = "yes" if r.ok else "NO: " + ", ".join(r.problems)
-        cells = [j.kernel, j.dtype, "yes" if j.dropout else "no", _cell(j.d_pad), j.block_m, _cell(j.block_n),
-                 j.num_warps, j.num_stages, f"sm_{j.arch}", _cell(r.registers), _cell(r.spill_stores),
-                 _cell(r.spill_loads), _cell(r.smem), ok]
+        cells = [j.kernel, j.dtype, "yes" if j.dropout else "no", "yes" if j.features else "no", _cell(j.d_pad),
+                 j.block_m, _cell(j.block_n), j.num_warps, j.num_stages, f"sm_{j.arch}", _cell(r.registers),
+                 _cell(r.spill_stores), _cell(r.spill_loads), _cell(r.smem), ok]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def _order(job: Job):
-    return (KERNEL_ORDER.index(job.kernel), job.dtype != "bf16", not job.dropout, job.d_pad or 0, job.arch)
+    return (KERNEL_ORDER.index(job.kernel), job.features, job.dtype != "bf16", not job.dropout, job.d_pad or 0,
+            job.arch)
 
 
 def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tuple[list[Row], float]:
@@ -338,7 +354,8 @@ def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tu
         rows.append(row)
         status = "ok" if row.ok else ", ".join(row.problems)
         print(f"[{len(rows)}/{len(todo)} {time.perf_counter() - start:.0f}s] {row.job.kernel} {row.job.dtype} "
-              f"drop={row.job.dropout} D={row.job.d_pad} {row.job.block_m}x{row.job.block_n} w{row.job.num_warps} "
+              f"drop={row.job.dropout} feat={row.job.features} D={row.job.d_pad} {row.job.block_m}x{row.job.block_n} "
+              f"w{row.job.num_warps} "
               f"s{row.job.num_stages} sm_{row.job.arch}: regs={row.registers} spill={row.spill_stores}/"
               f"{row.spill_loads} smem={row.smem} {status} ({row.seconds:.0f}s)", file=sys.stderr, flush=True)
 
@@ -381,6 +398,7 @@ def main(argv=None) -> int:
             f"(no GPU), {len(rows)} kernels in {seconds:.0f} s with {args.jobs} processes.\n"
             f"Launch specialization: causal, key padding mask, {T} prefixes, dropout (the forward also without "
             f"dropout{', and fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}); "
+            f"FEATURES = yes: window, softcap, sinks and packed sequences (with a prefix each), no padding mask; "
             f"deterministic prefix reduction; "
             f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD. "
             f"smem = Triton's dynamic shared memory + ptxas static smem; limits sm_80 {SMEM_LIMIT[80]}, "

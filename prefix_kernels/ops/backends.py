@@ -39,7 +39,7 @@ FEATURES = {
 _IMPLEMENTS = {
     "reference": frozenset(FEATURES),
     "cpu": frozenset(FEATURES),
-    "triton": frozenset(),
+    "triton": frozenset(FEATURES),
     "cuda": frozenset(),
 }
 

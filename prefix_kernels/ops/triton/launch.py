@@ -61,12 +61,23 @@ def _buckets(L: int, S: int) -> tuple[int, int]:
     return triton.next_power_of_2(L), triton.next_power_of_2(max(S, 1))
 
 
-def _refuse_features(cu_seqlens, sinks, window, softcap) -> None:
-    # prefix_kernels.ops passes this backend over for calls that use these features; this guards direct calls.
-    for used, what in ((cu_seqlens is not None, "packed sequences (cu_seqlens)"), (sinks is not None, "sinks"),
-                       (window != 0, "sliding windows (window)"), (softcap != 0.0, "soft-capping (softcap)")):
-        if used:
-            raise NotImplementedError(f"the triton backend does not implement {what}")
+def _feature_args(q: torch.Tensor, S: int, cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+                  window: int, softcap: float) -> tuple[tuple, dict]:
+    """(CU_SEQLENS, SINK_LOGITS), n_seqs, window, softcap as the kernels take them, and their constexpr flags.
+    Unused pointers are `q` (never read)."""
+    packed = cu_seqlens is not None
+    if window >= S:
+        # i' - j < S for every query: the window hides nothing (and the kernels' int32 bounds never overflow).
+        window = 0
+    pointers = (cu_seqlens if packed else q,
+                q if sinks is None else sinks.to(torch.float32).contiguous())  # [Hq]: a copy at most
+    flags = dict(WINDOW=window != 0, SOFTCAP=softcap != 0.0, SINKS=sinks is not None, PACKED=packed)
+    return (*pointers, cu_seqlens.shape[0] - 1 if packed else 1, int(window), float(softcap)), flags
+
+
+def _grid(n: int, block: int, rows: int, flags: dict, n_seqs: int) -> tuple[int, int]:
+    # Packed: programs L // block + n (kernels.py, `_packed_sequence`) cover every sequence's blocks.
+    return (n // block + n_seqs if flags["PACKED"] else triton.cdiv(n, block), rows)
 
 
 def triton_fwd(
@@ -75,7 +86,6 @@ def triton_fwd(
     cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: int, softcap: float,
     scale: float, dropout_p: float, seed: int, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _refuse_features(cu_seqlens, sinks, window, softcap)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
@@ -84,17 +94,18 @@ def triton_fwd(
     kpm, kpm_strides, has_kpm = _mask_args(key_padding_mask, q)
     pidx = q if prefix_index is None else prefix_index
     consts = _common_constexprs(q, Hkv, causal, dropout_p)
+    (cu, sink_logits, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, sinks, window, softcap)
 
     def grid(meta):
-        return (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)
+        return _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs)
 
     _launch(
         prefix_attention_fwd, grid,
-        q, k, v, prefix_k, prefix_v, kpm, pidx, out, lse,
+        q, k, v, prefix_k, prefix_v, kpm, pidx, cu, sink_logits, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(out), *kpm_strides,
-        Hq, L, S, P, scale * LOG2E, dropout_p, seed, *_buckets(L, S),
-        HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, **consts,
+        Hq, L, S, P, n_seqs, window, softcap, scale * LOG2E, dropout_p, seed, *_buckets(L, S),
+        HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, **flags, **consts,
     )
     return out, lse
 
@@ -118,7 +129,6 @@ def triton_bwd(
     cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: int, softcap: float,
     scale: float, dropout_p: float, seed: int, deterministic: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _refuse_features(cu_seqlens, sinks, window, softcap)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
@@ -129,6 +139,9 @@ def triton_bwd(
     consts = _common_constexprs(q, Hkv, causal, dropout_p)
     scale_log2 = scale * LOG2E
     buckets = _buckets(L, S)
+    # The sinks reach the backward through lse only (docs/op.md): the kernels below take no SINKS.
+    (cu, _, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, None, window, softcap)
+    flags.pop("SINKS")
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block, _, pre_warps, pre_stages = plain_tile(PREPROCESS_TILE)
@@ -142,32 +155,46 @@ def triton_bwd(
     dq = torch.empty_like(q) if want_dq else q.new_empty((0,))
     if want_dq:
         _launch(
-            prefix_attention_bwd_dq, lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq),
-            q, k, v, prefix_k, prefix_v, kpm, pidx, grad_out, lse, delta, dq,
+            prefix_attention_bwd_dq, lambda meta: _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs),
+            q, k, v, prefix_k, prefix_v, kpm, pidx, cu, grad_out, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *_strides(grad_out), *_strides(dq), *kpm_strides,
-            Hq, L, S, P, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi, HAS_KPM=has_kpm, **consts,
+            Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi,
+            HAS_KPM=has_kpm, **flags, **consts,
         )
 
     dk = torch.empty_like(k) if want_dkdv else k.new_empty((0,))
     dv = torch.empty_like(v) if want_dkdv else v.new_empty((0,))
     if want_dkdv and S > 0:
         _launch(
-            prefix_attention_bwd_dkdv, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv),
-            q, k, v, kpm, grad_out, lse, delta, dk, dv,
+            prefix_attention_bwd_dkdv, lambda meta: _grid(S, meta["BLOCK_N"], B * Hkv, flags, n_seqs),
+            q, k, v, kpm, cu, grad_out, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             *kpm_strides,
-            Hq, Hkv, L, S, P, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm, **consts,
+            Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm,
+            **flags, **consts,
         )
 
     if not want_dprefix:
         return dq, dk, dv, prefix_k.new_empty((0,)), prefix_v.new_empty((0,))
+    if multi and cu_seqlens is not None:
+        pidx = _prefix_of_each_row(prefix_index, cu_seqlens, L)
+    prefix_consts = dict(consts, SOFTCAP=flags["SOFTCAP"], PACKED=flags["PACKED"] and multi)
     return (dq, dk, dv, *_prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S,
-                                           scale_log2, dropout_p, seed, buckets, deterministic, consts))
+                                           softcap, scale_log2, dropout_p, seed, buckets, deterministic,
+                                           prefix_consts))
 
 
-def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S, scale_log2, dropout_p,
-                      seed, buckets, deterministic, consts):
+def _prefix_of_each_row(prefix_index: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
+    """int64 [L]: the prefix of each query row of a packed row (its sequence's), found on the device (no sync).
+    The prefix reduction walks the packed row in query blocks that may span sequences."""
+    rows = torch.arange(L, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    sequence = torch.searchsorted(cu_seqlens, rows, right=True) - 1  # empty sequences own no row
+    return prefix_index[sequence]
+
+
+def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S, softcap, scale_log2,
+                      dropout_p, seed, buckets, deterministic, consts):
     B, Hq, L, D = q.shape
     Hkv = prefix_k.shape[-3]
     if P == 0:
@@ -182,7 +209,7 @@ def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, 
         prefix_attention_bwd_dprefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
         q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc,
         *_strides(q), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *_strides(grad_out),
-        B, Hq, Hkv, L, S, P, T, n_splits, scale_log2, dropout_p, seed, *buckets,
+        B, Hq, Hkv, L, S, P, T, n_splits, softcap, scale_log2, dropout_p, seed, *buckets,
         MULTI_PREFIX=multi, ATOMIC=not deterministic, **consts,
     )
     # Summing the chunk slices in index order keeps the reduction deterministic.
