@@ -97,7 +97,7 @@ def main() -> None:
             loss = model(**next(feed)).loss
             loss.backward()
             opt.step()
-            return loss
+            return loss.detach()
 
         losses[(how, backend)] = float(step())  # warm-up on the first batch, and its loss
         calls[(how, backend)] = step
