@@ -262,15 +262,22 @@ def test_a_backend_without_a_feature_is_passed_over_or_refused_by_name(backend, 
                                rtol=1e-4, atol=1e-4)
 
 
-def test_frozen_sinks_get_no_gradient_and_trainable_ones_do():
-    data = make_inputs(replace(W, sinks=True, D=16), torch.float64, "cpu")
+@pytest.mark.parametrize("backend,device", implementing("sinks"))
+def test_frozen_sinks_get_no_gradient_and_trainable_ones_do(backend, device):
+    data = make_inputs(replace(W, sinks=True, D=16), torch.float32, device)
     t, kw = data["tensors"], data["kwargs"]
     q = t["q"].clone().requires_grad_()
-    prefix_attention(q, t["k"], t["v"], t["prefix_k"], t["prefix_v"], sinks=t["sinks"], **kw).sum().backward()
+    out = prefix_attention(q, t["k"], t["v"], t["prefix_k"], t["prefix_v"], sinks=t["sinks"], backend=backend, **kw)
+    out.backward(data["grad_out"])
     assert q.grad is not None and t["sinks"].grad is None
     sinks = t["sinks"].clone().requires_grad_()
-    prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], sinks=sinks, **kw).sum().backward()
-    assert sinks.grad is not None and sinks.grad.abs().max() > 0
+    out = prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], sinks=sinks, backend=backend, **kw)
+    out.backward(data["grad_out"])
+    oracle = t["sinks"].double().requires_grad_()
+    reference_prefix_attention(*(t[n].double() for n in ("q", "k", "v", "prefix_k", "prefix_v")), sinks=oracle,
+                               **kw).backward(data["grad_out"].double())
+    assert oracle.grad.abs().max() > 1e-3
+    torch.testing.assert_close(sinks.grad.double(), oracle.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_dropout_counts_positions_along_the_one_row():

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import prefix_kernels as pk
 import prefix_kernels.transformers.attention as glue
 import tiny_models as tm
-from tiny_models import fresh, randomize_prefix, tokens
+from tiny_models import assert_same_prefix_grads, fresh, left_padded, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -45,15 +45,6 @@ FAMILIES = list(BUILDERS)
 
 def wrap(model, P=P, **kw):
     return randomize_prefix(pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=P, **kw)), scale=0.5)
-
-
-def left_padded(lengths, T, seed=0):
-    ids = tokens(len(lengths), T, seed=seed)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, : T - n] = 0
-        mask[b, : T - n] = 0
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------- the oracle
@@ -281,10 +272,7 @@ def test_mistral_equals_peft_when_prefix_and_sequence_fit_in_the_window():
     target = torch.randn_like(a)
     (a * target).sum().backward()
     (b * target).sum().backward()
-    theirs_params = dict(theirs.prompt_encoder["default"].named_parameters())
-    for name, p in ours.prefix_encoder.named_parameters():
-        q = theirs_params[name].grad
-        torch.testing.assert_close(p.grad, q, rtol=1e-5, atol=1e-5 * q.abs().max().item())
+    assert_same_prefix_grads(ours, theirs)
     longer = tokens(2, window + 4)  # P + S > window: PEFT's last queries no longer see the first prefix keys
     with torch.no_grad():
         a, b = ours(input_ids=longer).logits, theirs(input_ids=longer).logits

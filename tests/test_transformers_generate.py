@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from tiny_models import bart, gpt2, llama, randomize_prefix, tokens
+from tiny_models import bart, gpt2, left_padded, llama, randomize_prefix, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -15,15 +15,6 @@ NEW = 5
 
 def wrap(model, P=4):
     return randomize_prefix(pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=P)), scale=0.5)
-
-
-def left_padded(lengths, T, seed=0):
-    ids = tokens(len(lengths), T, seed=seed)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, : T - n] = 0
-        mask[b, : T - n] = 0
-    return ids, mask
 
 
 def recompute_greedy(pm, ids, mask, steps):

@@ -78,6 +78,25 @@ def tokens(B, T, seed=0, low=3):
     return torch.randint(low, VOCAB, (B, T), generator=g)
 
 
+def left_padded(lengths, T, seed=0):
+    """Token ids [len(lengths), T] with row b's first T - lengths[b] tokens padding, and the attention mask."""
+    ids = tokens(len(lengths), T, seed=seed)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, : T - n] = 0
+        mask[b, : T - n] = 0
+    return ids, mask
+
+
+def assert_same_prefix_grads(ours, theirs):
+    """Our prefix encoder's gradients equal those of PEFT's prompt encoder, parameter by parameter (same names)."""
+    theirs_params = dict(theirs.prompt_encoder["default"].named_parameters())
+    for name, p in ours.prefix_encoder.named_parameters():
+        q = theirs_params[name]
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * q.grad.abs().max().item())
+
+
 def fresh(model):
     return copy.deepcopy(model)
 
