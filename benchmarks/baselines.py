@@ -7,11 +7,18 @@ of `sdpa-concat`, a `torch.compile`); `forward()` is what is timed.
 - `prefix_kernels:<backend>`: the op of this library (`triton`, `cuda`, `cpu`, `reference`). `reference` is
   expand + cat + repeat + eager softmax, what PEFT does with transformers' eager attention.
 - `sdpa-expand`: expand the prefix to the batch, cat it in front of K/V, repeat_kv, and call
-  `torch.nn.functional.scaled_dot_product_attention` with a dense bool mask: what PEFT + SDPA does (with a
-  prefix the mask is never None, so SDPA leaves its flash path and GQA heads are physically repeated).
+  `torch.nn.functional.scaled_dot_product_attention` with a dense bool [1, 1, L, P + S] mask, always (also
+  where transformers skips the mask: bidirectional, decode); `sdpa-peft` is transformers' exact path.
+- `sdpa-peft`: PEFT's real path with transformers' `sdpa` attention: expand + cat as above, the mask built by
+  `transformers.masking_utils.sdpa_mask` exactly as for a prefix in the cache (bool [B, 1, L, P + S], a
+  batch-expanded view; None where transformers skips it: decode, bidirectional without padding), repeat_kv
+  with a mask and `enable_gqa` without, as transformers' sdpa_attention_forward does.
 - `sdpa-concat`: K/V already hold the prefix (concatenated beforehand, untimed; the cost without the copy),
   SDPA with `enable_gqa` and the bottom-right causal mask (`causal_lower_right`), i.e. no dense mask.
   Its gradients go to the concatenated K/V, not to a shared prefix (no reduction over the batch).
+  `sdpa-concat:flash`, `:efficient`, `:cudnn` (CUDA): the same with that SDPA kernel forced by
+  `torch.nn.attention.sdpa_kernel`, so the name says which kernel ran (one that cannot run the case errors
+  and is skipped with the reason).
 - `flex`: `torch.nn.attention.flex_attention` (compiled), one call over the prefix (no mask), one over the
   sequence with a bottom-right causal block mask, the two merged by their log-sum-exp. The prefix is
   expanded to the batch as a view (no copy). CUDA only: on CPU (torch 2.13) compiled flex has no LSE output
@@ -32,7 +39,10 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("prefix_kernels.benchmarks")
 
-BASELINES = ("sdpa-expand", "sdpa-concat", "flex", "flash-attn")
+BASELINES = ("sdpa-peft", "sdpa-expand", "sdpa-concat", "flex", "flash-attn")
+# `sdpa-concat` with one SDPA backend forced (torch.nn.attention.sdpa_kernel): the name says which one ran.
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+SDPA_CONCAT_FORCED = tuple(f"sdpa-concat:{b}" for b in SDPA_BACKENDS)
 
 
 @dataclass
@@ -40,6 +50,13 @@ class Method:
     name: str
     leaves: tuple  # tensors whose .grad is cleared between calls
     forward: Callable[[], torch.Tensor]
+    # maps the leaves' gradients to (dq, dk, dv, dprefix_k, dprefix_v) of the op (None: the leaves are those five)
+    canonical_grads: Callable[[tuple], tuple] | None = None
+
+    def grads(self) -> tuple:
+        """The gradients of (q, k, v, prefix_k, prefix_v) left in the leaves' .grad by a backward."""
+        got = tuple(t.grad for t in self.leaves)
+        return got if self.canonical_grads is None else self.canonical_grads(got)
 
 
 def _visible(B: int, L: int, S: int, P: int, causal: bool, device) -> torch.Tensor:
@@ -78,7 +95,17 @@ def _compiled_flex():
 def unavailable_reason(name: str, device: str, dtype: torch.dtype, quick: bool = False,
                        mode: str = "fwd") -> str | None:
     """None if baseline `name` can run `mode` here, else why not (logged by the caller)."""
-    if name in ("sdpa-expand", "sdpa-concat"):
+    if name in ("sdpa-expand", "sdpa-concat", "sdpa-peft"):
+        return None
+    if name in SDPA_CONCAT_FORCED:
+        if not device.startswith("cuda"):
+            return "forced SDPA backends (flash, efficient, cuDNN) are CUDA kernels"
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+        except ImportError as e:
+            return f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel ({e})"
+        if not hasattr(SDPBackend, SDPA_BACKENDS[name.split(":")[1]]):
+            return f"torch {torch.__version__} has no SDPBackend.{SDPA_BACKENDS[name.split(':')[1]]}"
         return None
     if name == "flex":
         try:
@@ -128,7 +155,52 @@ def sdpa_expand(tensors, causal: bool) -> Method:
     return Method("sdpa-expand", tuple(tensors), forward)
 
 
-def sdpa_concat(tensors, causal: bool) -> Method:
+def _transformers_sdpa_mask(B: int, L: int, S: int, P: int, causal: bool, device):
+    """The mask transformers' SDPA attention gets when PEFT put a P-token prefix in the cache: built by
+    `transformers.masking_utils.sdpa_mask` as `create_causal_mask` / `create_bidirectional_mask` call it (query
+    offset P + S - L, PEFT's all-ones attention mask extended over the prefix, the `is_causal` /
+    bidirectional skips allowed). A dense bool [B, 1, L, P + S] (a batch-expanded view), or None where
+    transformers skips the mask (decode L = 1; bidirectional without padding). Raises ImportError without
+    transformers."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    kv = P + S
+    return sdpa_mask(batch_size=B, q_length=L, kv_length=kv, q_offset=kv - L, kv_offset=0,
+                     mask_function=causal_mask_function if causal else bidirectional_mask_function,
+                     attention_mask=torch.ones(B, kv, dtype=torch.bool, device=device),
+                     allow_is_causal_skip=causal, allow_is_bidirectional_skip=not causal, device=device)
+
+
+def sdpa_peft(tensors, causal: bool) -> Method:
+    """PEFT's real path with transformers' `sdpa` attention: the prefix expanded to the batch (PEFT's
+    `get_prompt`), concatenated in front of K/V by the cache, transformers' mask (see _transformers_sdpa_mask;
+    our own `_visible` mask, batch-expanded, without transformers), then transformers' sdpa_attention_forward:
+    repeat_kv unless the mask is None (then `enable_gqa`), `is_causal` only when the mask was skipped."""
+    q, k, v, pk, pv = tensors
+    B, Hq, L, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], pk.shape[1]
+    group = Hq // Hkv
+    try:
+        mask = _transformers_sdpa_mask(B, L, S, P, causal, q.device)
+    except ImportError:
+        mask = _visible(B, L, S, P, causal, q.device).expand(B, -1, -1, -1)
+    is_causal = mask is None and causal and L > 1
+
+    def forward():
+        keys, values = _expand_cat(pk, k), _expand_cat(pv, v)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=is_causal, enable_gqa=group > 1)
+        keys = keys[:, :, None].expand(B, Hkv, group, P + S, D).reshape(B, Hq, P + S, D)  # repeat_kv
+        values = values[:, :, None].expand(B, Hkv, group, P + S, D).reshape(B, Hq, P + S, D)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    return Method("sdpa-peft", tuple(tensors), forward)
+
+
+def sdpa_concat(tensors, causal: bool, backend: str | None = None) -> Method:
+    """`backend` ("flash", "efficient", "cudnn") forces that SDPA kernel: an error (not eligible) skips it."""
+    import contextlib
+
     from torch.nn.attention.bias import causal_lower_right
 
     q, k, v, pk, pv = tensors
@@ -139,12 +211,28 @@ def sdpa_concat(tensors, causal: bool) -> Method:
     total = kc.shape[2]
     gqa = q.shape[1] != kc.shape[1]
 
-    def forward():
-        if causal and L > 1:
-            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=causal_lower_right(L, total), enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa)
+    def context():
+        if backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[backend])])
 
-    return Method("sdpa-concat", (q, kc, vc), forward)
+    def forward():
+        with context():
+            if causal and L > 1:
+                return F.scaled_dot_product_attention(q, kc, vc, attn_mask=causal_lower_right(L, total),
+                                                      enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa)
+
+    P = pk.shape[1]
+
+    def canonical(grads):  # [prefix expanded to the batch] + sequence -> sequence, prefix summed over the batch
+        dq, dkc, dvc = grads
+        if dkc is None:
+            return dq, None, None, None, None
+        return dq, dkc[:, :, P:], dvc[:, :, P:], dkc[:, :, :P].sum(0), dvc[:, :, :P].sum(0)
+
+    return Method("sdpa-concat" if backend is None else f"sdpa-concat:{backend}", (q, kc, vc), forward, canonical)
 
 
 def flex(tensors, causal: bool) -> Method:
@@ -188,7 +276,9 @@ def flash_attn(tensors, causal: bool) -> Method:
     return Method("flash-attn", tuple(tensors), forward)
 
 
-_BUILDERS = {"sdpa-expand": sdpa_expand, "sdpa-concat": sdpa_concat, "flex": flex, "flash-attn": flash_attn}
+_BUILDERS = {"sdpa-peft": sdpa_peft, "sdpa-expand": sdpa_expand, "sdpa-concat": sdpa_concat, "flex": flex,
+             "flash-attn": flash_attn,
+             **{f"sdpa-concat:{b}": functools.partial(sdpa_concat, backend=b) for b in SDPA_BACKENDS}}
 
 
 def build(name: str, tensors, causal: bool) -> Method:

@@ -1,8 +1,9 @@
 """What every benchmark script shares: inputs, timing, peak memory, machine description, result files.
 
 Timing runs the compared backends side by side in one process, alternating call by call, and reports the
-median with p20/p80. Peak memory is what one call adds on top of what was allocated before it, measured by the
-meter the demo and the example use too (`prefix_kernels.apps.memory.PeakMemory`): on CUDA the allocator's
+median with p20/p80 (microbench: on CUDA a call under LOOP_BELOW_MS is timed as back-to-back calls).
+Peak memory is what one call adds on top of what was allocated before it, measured by the meter the demo and
+the example use too (`prefix_kernels.apps.memory.PeakMemory`): on CUDA the allocator's
 `max_memory_allocated`; on CPU the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) with glibc in its exact mode, so that freed buffers go back to the OS instead of hiding
 in malloc's cache (timed calls run outside it, with glibc's fast settings: the exact mode slows large
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -106,11 +108,37 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1, setups: dict | None = None) -> dict:
+# On CUDA a call shorter than LOOP_BELOW_MS is timed as LOOP back-to-back calls between two events (the time
+# per call is the elapsed time / n), so that the launch overhead of a lone call does not decide a small shape.
+LOOP_BELOW_MS = 1.0
+LOOP_TARGET_MS = 2.0
+LOOP_MAX = 64
+
+
+def loop_count(one_call_ms: float) -> int:
+    """Calls per timed sample on CUDA: 1 at or above LOOP_BELOW_MS, else enough to fill ~LOOP_TARGET_MS."""
+    if not one_call_ms < LOOP_BELOW_MS:
+        return 1
+    return max(2, min(LOOP_MAX, math.ceil(LOOP_TARGET_MS / max(one_call_ms, 1e-3))))
+
+
+def _cuda_ms(fn, n: int = 1) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1, setups: dict | None = None,
+                      loops: dict | None = None, loop_short: bool = False) -> dict:
     """Milliseconds per call: {name: (median, p20, p80)}, the calls alternating rep by rep.
 
     `setups[name]`, when given, runs untimed before every call of `calls[name]` (e.g. the forward whose
-    backward is timed)."""
+    backward is timed). With `loop_short`, on CUDA, a method without setup whose call takes < LOOP_BELOW_MS is
+    timed as loop_count() back-to-back calls per sample; `loops`, when given, receives the calls per sample."""
     setups = setups or {}
     for name, fn in calls.items():
         for _ in range(warmup):
@@ -118,6 +146,13 @@ def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1, setu
                 setups[name]()
             fn()
     synchronize(device)
+    n = {name: 1 for name in calls}
+    if loop_short and device.startswith("cuda"):
+        for name, fn in calls.items():
+            if name not in setups:  # a setup per call (bwd) cannot run back to back: timed call by call
+                n[name] = loop_count(_cuda_ms(fn))
+    if loops is not None:
+        loops.update(n)
     samples = {name: [] for name in calls}
     for _ in range(reps):
         for name, fn in calls.items():
@@ -125,12 +160,7 @@ def time_side_by_side(calls: dict, device: str, reps: int, warmup: int = 1, setu
                 setups[name]()
                 synchronize(device)
             if device.startswith("cuda"):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                samples[name].append(start.elapsed_time(end))
+                samples[name].append(_cuda_ms(fn, n[name]))
             else:
                 t0 = time.perf_counter()
                 fn()

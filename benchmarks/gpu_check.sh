@@ -3,16 +3,27 @@
 #
 #   bash benchmarks/gpu_check.sh            # results to $OUT if set, else benchmarks/results/
 #
-# 1. installs what is missing (pip, ordinary index; skipped quietly without internet),
-# 2. builds the package and its C++/CUDA extension for this GPU's arch only
-#    (pip install --no-deps --no-build-isolation -e .; on failure PREFIX_KERNELS_BUILD_EXT=0, logged),
-# 3. runs the `gpu` tests (pytest -m gpu -x),
-# 4. runs the GPU microbenchmark subset (benchmarks/microbench.py: 3 shapes, bf16, fwd/bwd/fwd+bwd, every
-#    backend and baseline; flex last, on the Llama-like layer, with the time left) and the end-to-end GPU subset (benchmarks/e2e.py),
-# each stage under `timeout`, within one overall budget (BUDGET_S, default 460 s). A stage that fails or runs
-# out of time is logged and the next one still runs. Files written to $OUT (at most 8):
-#   gpu_check.log, gpu_check.json (stage statuses, versions), microbench.csv, microbench_cuda.md,
-#   e2e.csv, e2e_generate.csv, e2e_cuda.md, pytest_gpu.txt
+# Stages (each under `timeout`, within one overall budget BUDGET_S, default 460 s; a stage that fails or runs
+# out of time is logged and the next one still runs; caps in seconds):
+#  1. install-missing (40): pip, ordinary index; skipped quietly without internet,
+#  2. build (200): the package and its C++/CUDA extension for this GPU's arch only
+#     (pip install --no-deps --no-build-isolation -e .; on failure PREFIX_KERNELS_BUILD_EXT=0, logged),
+#  3. the `gpu` tests (collected once, at most 60 s) in three stages, each leaving 170 s for stages 4-5, none with -x (a failure in one never hides another), in parallel with
+#     pytest-xdist (-n 8, PYTEST_WORKERS) when it is importable, else serially; node ids from one --collect-only:
+#     pytest-triton (110): every gpu test of the triton backend (test_triton_backend.py, the triton params of
+#       test_backends.py / test_numerics.py / test_determinism.py, the bf16 smoke matrix test_gpu_smoke.py),
+#     pytest-cuda (50): the CUDA fallback backend's (test_cuda_backend.py, the cuda params),
+#     pytest-rest (50): the other gpu tests (reference on CUDA tensors, models);
+#     the long LARGE sweep (test_backends.py::test_matches_reference_large_gpu) is left out: the smoke
+#     matrix of test_gpu_smoke.py replaces it,
+#  4. microbench-verdict (150): benchmarks/microbench.py --verdict (Llama-8B layer at L 2048, 4096, 8192 and at
+#     P 0, the NLU shape; bf16, fwd and fwd+bwd; every backend, PEFT's real path `sdpa-peft`, SDPA on
+#     concatenated K/V with each SDPA kernel; every row with its error against fp32, WRONG rows untimed),
+#  5. verdict (20): benchmarks/verdict.py on that run's CSV -> verdict.txt (PASS / FAIL / NOT MEASURED),
+#  6. e2e (what is left, at most 90): the end-to-end GPU subset (benchmarks/e2e.py).
+# Expected: ~4-5 min with SKIP_BUILD=1, at most BUDGET_S (~7.7 min) with a fresh build. Files to $OUT (8):
+#   gpu_check.log, gpu_check.json (stage statuses, versions), pytest_gpu.txt (each pytest stage's summary and
+#   its FAILED/ERROR lines), microbench.csv, microbench_cuda.md, verdict.txt, e2e.csv, e2e_cuda.md
 # SKIP_BUILD=1 skips step 2 (a rerun on a machine where the build is done).
 # Without $OUT the CSVs are appended to benchmarks/results/ (then `python benchmarks/plot.py` and commit).
 set -u
@@ -76,20 +87,54 @@ fi
 $PY -c "import prefix_kernels as p, torch; print('backends on cuda:', p.available_backends(torch.device('cuda')))" \
   >>"$LOG" 2>&1 || log "prefix_kernels does not import"
 
-# 3. the gpu tests (collection errors, e.g. a missing test dependency, do not stop the gpu tests)
-stage pytest-gpu 120 170 $PY -m pytest -m gpu -x -q -p no:cacheprovider --continue-on-collection-errors \
-  --junit-xml="$WORK/pytest_gpu.xml"
-grep -E "passed|failed|error|skipped" "$LOG" | tail -3 > "$WORK/pytest_gpu.txt" || true
+# 3. the gpu tests: triton first, then the CUDA fallback, then the rest; never -x; xdist when importable
+XDIST=()
+if $PY -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${PYTEST_WORKERS:-8}"); else log "pytest-xdist missing: serial"; fi
+PYTEST=($PY -m pytest -q -rfE -p no:cacheprovider --continue-on-collection-errors)
+timeout 60 $PY -m pytest -m gpu --collect-only -q -p no:cacheprovider --continue-on-collection-errors 2>>"$LOG" \
+  | grep '::' > "$WORK/gpu_ids.txt" || true
+$PY - "$WORK" <<'PYEOF' >>"$LOG" 2>&1
+import re, sys
+work = sys.argv[1]
+ids = [line.strip() for line in open(f"{work}/gpu_ids.txt") if "::" in line]
+groups = {"triton": [], "cuda": [], "rest": []}
+for node in ids:
+    if "test_matches_reference_large_gpu" in node:
+        continue  # the long LARGE sweep: test_gpu_smoke.py's matrix replaces it here
+    if "triton" in node:
+        groups["triton"].append(node)
+    elif "test_cuda_backend" in node or re.search(r"cuda-cuda|\[cuda-|\[cuda\]", node):
+        groups["cuda"].append(node)
+    else:
+        groups["rest"].append(node)
+for name, nodes in groups.items():
+    with open(f"{work}/gpu_{name}.txt", "w") as f:
+        f.write("".join(n + "\n" for n in nodes))
+    print(f"gpu tests, {name}: {len(nodes)}")
+PYEOF
+: > "$WORK/pytest_gpu.txt"
+# each test stage leaves 170 s for the verdict benchmark and verdict (with a fresh build, cuda/rest may get none)
+for group in triton:110 cuda:50 rest:50; do
+  IFS=: read -r name cap <<<"$group"
+  if [[ ! -s "$WORK/gpu_$name.txt" ]]; then
+    log "no gpu tests for $name"; echo "pytest-$name: no tests collected" >> "$WORK/pytest_gpu.txt"; continue
+  fi
+  mapfile -t IDS < "$WORK/gpu_$name.txt"
+  before=$(wc -l < "$LOG")
+  stage "pytest-$name" "$cap" 170 "${PYTEST[@]}" "${XDIST[@]}" "${IDS[@]}"
+  { echo "pytest-$name (${#IDS[@]} tests): ${STATUS[pytest-$name]}"
+    tail -n +"$((before + 1))" "$LOG" | grep -E "^(FAILED|ERROR) |(passed|failed|error|skipped).* in [0-9.]+s" || true
+  } >> "$WORK/pytest_gpu.txt"
+done
 
-# 4. benchmarks: microbench subset (CSV rows are appended case by case, so a timeout keeps what was measured),
-#    then the end-to-end subset
-#    flex (torch.compile per shape and mode, slow to warm up) runs last, on the Llama-like layer, with what is left.
-stage microbench 120 70 $PY benchmarks/microbench.py --device cuda --reps 10 --out "$WORK" \
-  --baselines sdpa-expand sdpa-concat flash-attn
-stage e2e 120 5 $PY benchmarks/e2e.py --device cuda --steps 3 --out "$WORK"
-if [[ -f "$WORK/microbench_cuda.md" ]]; then cp "$WORK/microbench_cuda.md" "$WORK/microbench_cuda_main.md"; fi
-stage microbench-flex 90 0 $PY benchmarks/microbench.py --device cuda --reps 10 --out "$WORK" --only llama \
-  --baselines flex --tag _flex
+# 4. the verdict benchmark (CSV rows are appended case by case: a timeout keeps what was measured), 5. verdict
+rm -f "$WORK/microbench.csv"
+stage microbench-verdict 150 25 $PY benchmarks/microbench.py --device cuda --verdict --reps 10 --out "$WORK"
+stage verdict 20 0 $PY benchmarks/verdict.py "$WORK/microbench.csv" --all --out "$WORK/verdict.txt"
+if [[ -f "$WORK/verdict.txt" ]]; then cat "$WORK/verdict.txt" >> "$LOG"; fi
+
+# 6. end to end, with what is left
+stage e2e 90 5 $PY benchmarks/e2e.py --device cuda --steps 3 --out "$WORK"
 
 # results
 $PY - "$WORK" "$LOG" <<EOF >"$WORK/gpu_check.json" 2>>"$LOG"
@@ -108,13 +153,7 @@ except Exception as e:
     gpu = repr(e)
 json.dump({"status": status, "versions": vers, "gpu": gpu, "seconds": $((SECONDS - START))}, sys.stdout, indent=1)
 EOF
-# one markdown for both microbench runs
-if [[ -f "$WORK/microbench_cuda_flex.md" ]]; then
-  { cat "$WORK/microbench_cuda_main.md" 2>/dev/null; echo; cat "$WORK/microbench_cuda_flex.md"; } > "$WORK/microbench_cuda.md"
-  $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from common import append_csv, read_csv; \
-append_csv(sys.argv[2], read_csv(sys.argv[1]))" "$WORK/microbench_flex.csv" "$WORK/microbench.csv" 2>>"$LOG"
-fi
-for f in microbench.csv microbench_cuda.md e2e.csv e2e_generate.csv e2e_cuda.md gpu_check.json pytest_gpu.txt; do
+for f in microbench.csv microbench_cuda.md verdict.txt e2e.csv e2e_cuda.md gpu_check.json pytest_gpu.txt; do
   [[ -f "$WORK/$f" ]] || continue
   if [[ "$FINAL" == "benchmarks/results" && "$f" == *.csv ]]; then
     $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from common import append_csv, read_csv; \

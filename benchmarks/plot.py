@@ -42,7 +42,8 @@ def case_label(r: dict) -> str:
 
 
 def plot_microbench(csv_path: str, out: str) -> list[str]:
-    rows = latest(read_csv(csv_path), CASE + ("backend",))
+    # A row without a time is a method whose result was wrong (microbench.py times no wrong kernel).
+    rows = [r for r in latest(read_csv(csv_path), CASE + ("backend",)) if r.get("ms") not in ("", None)]
     stem = os.path.splitext(os.path.basename(csv_path))[0]
     written = []
     by_dev = defaultdict(list)

@@ -33,9 +33,12 @@ def eager_flex(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name", ["sdpa-expand", "sdpa-concat", "flex"])
-def test_baseline_matches_reference(name, causal, eager_flex):
-    tensors = _inputs()
+@pytest.mark.parametrize("L", [9, 1])
+@pytest.mark.parametrize("name", ["sdpa-peft", "sdpa-expand", "sdpa-concat", "flex"])
+def test_baseline_matches_reference(name, causal, L, eager_flex):
+    if L == 1 and (name == "flex" or not causal):
+        pytest.skip("decode: causal, and flex is covered at L 9")
+    tensors = _inputs(L=L)
     expected = prefix_kernels.reference_prefix_attention(*tensors, causal=causal)
     if name == "flex":  # on CPU flex has no backward: check the LSE merge of its two forward calls
         with torch.no_grad():
@@ -48,6 +51,8 @@ def test_baseline_matches_reference(name, causal, eager_flex):
     out = method.forward()
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad(out, method.leaves, grad_out)
+    method.forward().backward(grad_out)
+    torch.testing.assert_close(method.grads(), expected_grads, rtol=1e-6, atol=1e-6)  # as the op's 5 inputs
     if name == "sdpa-concat":  # its K/V leaves hold [prefix expanded to the batch] + sequence
         P = tensors[3].shape[1]
         torch.testing.assert_close(grads[1][:, :, P:], expected_grads[1], rtol=1e-6, atol=1e-6)
@@ -106,3 +111,122 @@ def test_feature_benchmark_measures_every_variant_on_every_backend_that_has_it()
     got = {(r["variant"], r["backend"]) for r in rows}
     assert got == {(v, b) for v in ("plain", "window", "padded", "packed") for b in ("cpu", "reference")}
     assert all(r["ms"] > 0 and r["vs_first_variant"] > 0 for r in rows) and len(table) == len(rows)
+
+
+def test_wrong_method_gets_no_time_and_valid_false(monkeypatch):
+    """A method whose output (or gradient) is off is flagged WRONG with no time; right ones are valid."""
+    import microbench
+
+    def off_output(tensors, causal):  # 10% off in the forward (and so in every gradient)
+        right = baselines.ours("reference", tensors, causal)
+        return baselines.Method("off", right.leaves, lambda: right.forward() * 1.1)
+
+    class TripleGrad(torch.autograd.Function):  # identity forward, 3x gradient
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3 * g
+
+    def off_grad(tensors, causal):  # right forward, every gradient 3x
+        right = baselines.ours("reference", tensors, causal)
+        return baselines.Method("off-grad", right.leaves, lambda: TripleGrad.apply(right.forward()))
+
+    monkeypatch.setitem(baselines._BUILDERS, "off", off_output)
+    monkeypatch.setitem(baselines._BUILDERS, "off-grad", off_grad)
+    shape = common.Shape("tiny", 2, 4, 2, 8, 8, 4, 16, causal=True)
+    rows, table = microbench.measure([shape], ["float32"], ["reference", "off", "off-grad"], "cpu", 1,
+                                     ("fwd", "fwd+bwd"), ("sdpa-expand", "sdpa-concat"), quick=True)
+    by = {(r["mode"], r["backend"]): r for r in rows}
+    assert set(by) == {(m, b) for m in ("fwd", "fwd+bwd")
+                       for b in ("reference", "off", "off-grad", "sdpa-expand", "sdpa-concat")}
+    for mode in ("fwd", "fwd+bwd"):
+        for name in ("reference", "sdpa-expand", "sdpa-concat"):
+            r = by[mode, name]
+            assert r["valid"] is True and r["ms"] > 0 and r["max_err"] < 1e-4, r
+        assert by[mode, "off"]["valid"] is False and by[mode, "off"]["ms"] == "" and by[mode, "off"]["max_err"] > 0.01
+    assert by["fwd", "off-grad"]["valid"] is True  # its forward is right
+    assert by["fwd+bwd", "off-grad"]["valid"] is False and by["fwd+bwd", "off-grad"]["grad_err"] > 0.5
+    assert by["fwd+bwd", "sdpa-concat"]["grad_err"] < 1e-4  # its expanded-prefix gradients are summed back
+    wrong = [row for row in table if row[3] in ("off", "off-grad") and str(row[4]).startswith("WRONG (err")]
+    assert len(wrong) == 3
+
+
+def test_bf16_tolerance_accepts_bf16_methods_and_rejects_a_small_error():
+    import microbench
+
+    tol = microbench.tolerances("bfloat16", (4e-3, 1e-2))
+    assert tol == pytest.approx((1.8e-2, 3e-2))
+    assert microbench.is_valid((1e-2, 2e-2), tol) is True
+    assert microbench.is_valid((3e-2, 2e-2), tol) is False
+    assert microbench.is_valid((1e-2, float("nan")), tol) is False
+    assert microbench.is_valid((None, None), tol) is None
+    assert microbench.tolerances("float16", None) == (microbench.FIXED_TOL["float16"],) * 2
+
+
+def _verdict_row(backend, mode, ms, *, B, Hq, Hkv, L, S, P, D, causal, valid=True, pct_peak="", tflops=""):
+    return dict(timestamp="2026-01-01T00:00:00Z", commit="abc", machine="GPU", device="cuda", dtype="bfloat16",
+                shape="x", B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, P=P, D=D, causal=causal, mode=mode, backend=backend,
+                ms="" if not valid else ms, pct_peak=pct_peak, tflops=tflops, valid=valid,
+                max_err=0.5 if not valid else 0.001, grad_err="")
+
+
+def test_verdict_pass_fail_not_measured(tmp_path, capsys):
+    import verdict
+
+    llama = dict(B=8, Hq=32, Hkv=8, L=2048, S=2048, D=128, causal=True)
+    nlu = dict(B=32, Hq=12, Hkv=12, L=128, S=128, P=128, D=64, causal=False)
+    rows = [
+        _verdict_row("triton", "fwd+bwd", 10.0, P=64, **llama),  # (a) 14 / 10 = 1.4x: PASS
+        _verdict_row("sdpa-peft", "fwd+bwd", 14.0, P=64, **llama),
+        _verdict_row("triton", "fwd+bwd", 1.0, **nlu),  # (b) 1.5x: FAIL
+        _verdict_row("sdpa-peft", "fwd+bwd", 1.5, **nlu),
+        # (c): no L >= 4096 row: NOT MEASURED
+        _verdict_row("triton", "fwd", 1.0, P=0, valid=False, **llama),  # (d) fwd: WRONG -> FAIL
+        _verdict_row("sdpa-concat:flash", "fwd", 1.0, P=0, **llama),
+        _verdict_row("triton", "fwd+bwd", 3.2, P=0, **llama),  # (d) fwd+bwd: fastest SDPA 3.0 -> 0.94x PASS
+        _verdict_row("sdpa-concat", "fwd+bwd", 3.5, P=0, **llama),
+        _verdict_row("sdpa-concat:cudnn", "fwd+bwd", 3.0, P=0, **llama),
+        _verdict_row("sdpa-concat:efficient", "fwd+bwd", 2.0, P=0, valid=False, **llama),  # wrong: not counted
+    ]
+    path = str(tmp_path / "microbench.csv")
+    common.append_csv(path, [dict(r, timestamp="2025-01-01T00:00:00Z", ms=0.001) for r in rows[:2]])  # older run
+    common.append_csv(path, rows)
+    out = str(tmp_path / "verdict.txt")
+    assert verdict.main([path, "--out", out]) == 0
+    lines = open(out).read().splitlines()
+    assert lines[0].startswith(f"verdict of {path}: {len(rows)} rows")
+    a, b, c, d_fwd, d_both = lines[1:]
+    assert a.startswith("PASS (a)") and "1.40x" in a
+    assert b.startswith("FAIL (b)") and "1.50x" in b
+    assert c.startswith("NOT MEASURED (c)")
+    assert d_fwd.startswith("FAIL (d)") and "WRONG" in d_fwd
+    assert d_both.startswith("PASS (d)") and "0.94x" in d_both and "sdpa-concat:cudnn" in d_both
+    assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
+
+    peak = [_verdict_row("triton", "fwd", 5.0, P=64, pct_peak=p, tflops=400, **dict(llama, L=L, S=L, B=B))
+            for L, B, p in ((4096, 4, 61.0), (8192, 2, 48.5))]
+    (c,) = [line for line in verdict.verdicts(peak) if "(c)" in line]
+    assert c.startswith("FAIL (c)") and "0.48 of peak" in c and "L=4096: 61.0%" in c
+    (c,) = [line for line in verdict.verdicts(peak[:1]) if "(c)" in line]
+    assert c.startswith("PASS (c)")
+    (a,) = [line for line in verdict.verdicts(rows[:1]) if "(a)" in line]  # no PEFT row
+    assert a.startswith("NOT MEASURED (a)")
+
+
+def test_verdict_reads_measure_rows_at_p0(tmp_path):
+    """P = 0 runs through every CPU method, and verdict.py reads the rows microbench writes."""
+    import microbench
+    import verdict
+
+    shape = common.Shape("tiny P=0", 2, 4, 2, 8, 8, 0, 16, causal=True)
+    rows, _ = microbench.measure([shape], ["float32"], ["reference"], "cpu", 1, ("fwd", "fwd+bwd"),
+                                 ("sdpa-peft", "sdpa-concat", "sdpa-concat:flash"), quick=True)
+    assert {r["backend"] for r in rows} == {"reference", "sdpa-peft", "sdpa-concat"}  # forced kernels: CUDA only
+    assert all(r["valid"] is True for r in rows)
+    path = str(tmp_path / "m.csv")
+    common.append_csv(path, rows)
+    got = verdict.verdicts(common.read_csv(path), ours="sdpa-peft", dtype="float32")
+    assert all(line.startswith("NOT MEASURED") for line in got)  # not the verdict shapes

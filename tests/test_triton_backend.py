@@ -164,6 +164,13 @@ def test_atomic_prefix_reduction_matches_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_atomic_prefix_reduction_matches_reference_gpu(dtype):
+    """The atomic prefix reduction in half precision on the GPU (the test above runs fp32, unmarked)."""
+    assert_matches_reference(replace(BASE, B=3, T=2, L=9, S=11), dtype, "cuda", "triton", deterministic=False)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_prefix_reduction_on_many_blocks(deterministic):
     """A batch large enough for every prefix split of the reduction (MAX_PREFIX_SPLITS), both modes."""
