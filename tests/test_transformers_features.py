@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import prefix_kernels as pk
 import prefix_kernels.transformers.attention as glue
 import tiny_models as tm
-from tiny_models import assert_same_prefix_grads, fresh, left_padded, randomize_prefix, tokens
+from tiny_models import assert_same_prefix_grads, fresh, left_padded, randomize_prefix, recompute_greedy, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -139,15 +139,6 @@ def _greedy(pm, ids, mask):
     return pm.generate(input_ids=ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
 
 
-def _recompute(pm, ids, mask, steps):
-    for _ in range(steps):
-        logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("family", FAMILIES + ["mistral-no-window"])
 def test_wraps_trains_and_generates_through_sliding_caches(family):
     make = (lambda **kw: tm.mistral(None)) if family == "mistral-no-window" else BUILDERS[family]
@@ -165,7 +156,7 @@ def test_wraps_trains_and_generates_through_sliding_caches(family):
     # and the mask function gets kv_offset > 0
     with torch.no_grad():
         out = _greedy(pm, ids, mask)
-        expected = _recompute(pm, ids, mask, NEW)
+        expected = recompute_greedy(pm, ids, mask, NEW)
     assert torch.equal(out.sequences, expected), family
     cache = out.past_key_values
     sliding = [type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers]

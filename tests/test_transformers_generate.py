@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels as pk
-from tiny_models import bart, gpt2, left_padded, llama, randomize_prefix, tokens
+from tiny_models import bart, gpt2, left_padded, llama, randomize_prefix, recompute_greedy, tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -15,16 +15,6 @@ NEW = 5
 
 def wrap(model, P=4):
     return randomize_prefix(pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=P)), scale=0.5)
-
-
-def recompute_greedy(pm, ids, mask, steps):
-    """Greedy decoding without a cache: the whole sequence is run again for every new token."""
-    for _ in range(steps):
-        logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("make", [llama, gpt2], ids=["llama", "gpt2"])

@@ -88,6 +88,16 @@ def left_padded(lengths, T, seed=0):
     return ids, mask
 
 
+def recompute_greedy(pm, ids, mask, steps):
+    """Greedy decoding without a cache: the whole sequence is run again for every new token."""
+    for _ in range(steps):
+        logits = pm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids
+
+
 def assert_same_prefix_grads(ours, theirs):
     """Our prefix encoder's gradients equal those of PEFT's prompt encoder, parameter by parameter (same names)."""
     theirs_params = dict(theirs.prompt_encoder["default"].named_parameters())
