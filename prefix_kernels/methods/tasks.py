@@ -31,13 +31,13 @@ from transformers.utils import ModelOutput
 
 from . import adapter_io
 from .config import PrefixTuningConfig
-from .pooling import last_real_token
+from . import pooling as _pooling
 from .prefix_model import PrefixModel, checkpoint_files, get_prefix_model
 from .adapter_io import CHECKPOINT_META, decode_meta, read_checkpoint, strip_prefix
 from .trainable import (AdapterStateDict, TrainableParameters, model_device, set_trainable)
 
 TASK_KINDS = ("seq", "tok")
-POOLINGS = ("auto", "cls", "pooler", "mean", "last")
+POOLINGS = ("auto", *_pooling.POOLINGS)
 
 
 @dataclass
@@ -120,19 +120,9 @@ class PrefixTaskModel(AdapterStateDict, TrainableParameters):
     def backbone(self) -> nn.Module:
         return self.prefix_model.base_model
 
-    def _pool(self, out, mask: torch.Tensor) -> torch.Tensor:
-        h = out.last_hidden_state
-        if self.pooling == "cls":
-            return h[:, 0]
-        if self.pooling == "pooler":
-            pooled = getattr(out, "pooler_output", None)
-            if pooled is None:
-                raise ValueError(f"{type(self.backbone).__name__} has no pooled output; use pooling='cls'")
-            return pooled
-        m = mask.to(h.dtype).unsqueeze(-1)
-        if self.pooling == "mean":
-            return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return h[torch.arange(h.shape[0], device=h.device), last_real_token(mask)]  # "last"
+    def pool(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, hidden]`: the vector a sequence-classification head reads from a backbone output (`pooling`)."""
+        return _pooling.pool(out, attention_mask, self.pooling)
 
     def _task_rows(self, task, task_ids, B: int, device) -> dict[str, torch.Tensor]:
         if task_ids is None:
@@ -173,7 +163,7 @@ class PrefixTaskModel(AdapterStateDict, TrainableParameters):
             sel = (lambda x: x) if idx is None else (lambda x, idx=idx: x.index_select(0, idx))
             if kind == "seq":
                 if pooled is None:
-                    pooled = self._pool(out, attention_mask)
+                    pooled = self.pool(out, attention_mask)
                 lg = self.heads[name](self.dropout(sel(pooled)))
             else:
                 lg = self.heads[name](self.dropout(sel(hidden)))
