@@ -435,8 +435,12 @@ def run_one(method: str, s: dict, seed: int, ctx: Context, log=print, timing_ste
             if k in best_state:
                 p.copy_(best_state[k])
     test = built.accuracy(ctx.test)
+    # Training-set accuracy of the same weights on as many training rows as validation has: how far the method
+    # fits its own data (a method that cannot fit it is short of capacity, not of training).
+    fit = built.accuracy(ctx.train[:len(ctx.val)])
     tail = losses[-max(1, len(losses) // 10):]
-    row.update(test_acc=round(test, 4), best_val_acc=round(best_val, 4), best_step=best_step, steps=total,
+    row.update(test_acc=round(test, 4), best_val_acc=round(best_val, 4), train_acc=round(fit, 4),
+               best_step=best_step, steps=total,
                s_per_step=round(statistics.median(timed), 4) if timed else "", peak_mib=round(peak, 1),
                final_loss=round(sum(tail) / len(tail), 4), val_history=json.dumps(history), error="",
                wall_s=round(time.perf_counter() - t0, 1))
@@ -474,7 +478,8 @@ def aggregate(rows: list[dict], timing: list[dict] = ()) -> dict:
                     "acc": sum(accs) / len(accs) if accs else math.nan,
                     "std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
                     "min": min(accs) if accs else math.nan, "max": max(accs) if accs else math.nan,
-                    "val": mean_of("best_val_acc"), "s_step": mean_of("s_per_step"), "peak": mean_of("peak_mib"),
+                    "val": mean_of("best_val_acc"), "fit": mean_of("train_acc"), "s_step": mean_of("s_per_step"),
+                    "peak": mean_of("peak_mib"),
                     "trainable": _f(rs[-1].get("trainable_params")), "encoder": _f(rs[-1].get("encoder_params")),
                     "parts": rs[-1].get("trainable_parts", ""),
                     "error": next((r["error"] for r in rs if r.get("error")), ""), "timed": key in timed}
@@ -531,6 +536,7 @@ def write_main_report(rows: list[dict], args, out: str, timing: list[dict] = ())
             continue
         pct = _num(100 * a["trainable"] / a["encoder"], ".3f") + "%"
         table.append([m, TRAINS[m], _num(a["trainable"], ",.0f"), pct, _acc_text(a), _num(a["val"], ".4f"),
+                      _num(a["fit"], ".4f"),
                       _num(a["s_step"], ".3f") + ("*" if a["timed"] else ""),
                       _num(a["peak"], ".0f") + ("*" if a["timed"] else ""), _short(m, s)])
     if not table:
@@ -538,9 +544,11 @@ def write_main_report(rows: list[dict], args, out: str, timing: list[dict] = ())
     os.makedirs(out, exist_ok=True)
     lines = _header(args, "Methods compared (issue 15)", rows)
     lines.append(markdown_table(["method", "trains", "trainable params", "% of encoder", "test accuracy",
-                                 "best val acc", "s/step", "peak MiB", "settings"], table))
+                                 "best val acc", "train acc", "s/step", "peak MiB", "settings"], table))
     lines.append("Trainable parameters are the model's `requires_grad` parameters (full fine-tuning counts BERT's "
-                 "pooler, unused by mean pooling); % of the encoder's parameters. s/step: median training step "
+                 "pooler, unused by mean pooling); % of the encoder's parameters. train acc: the selected weights "
+                 "on the first 1,280 training rows (how well the method fits its own data). s/step: median "
+                 "training step "
                  "(forward, backward, optimizer); peak MiB: what one training step adds (`PeakMemory`, "
                  "resident-set growth on CPU). Both come from the `--timing` pass (the methods one after another "
                  f"on an otherwise idle machine, {TIMING_CSV_NAME}) where the row has one, marked *; otherwise "
@@ -578,8 +586,9 @@ def write_sweep_report(rows: list[dict], args, out: str, timing: list[dict] = ()
     for name, key, points in families:
         lines.append(f"## {name}\n")
         lines.append(markdown_table(
-            [key, "test accuracy", "best val acc", "trainable params", "s/step", "peak MiB"],
-            [[v, _acc_text(a), _num(a["val"], ".4f"), _num(a["trainable"], ",.0f"), _num(a["s_step"], ".3f"),
+            [key, "test accuracy", "best val acc", "train acc", "trainable params", "s/step", "peak MiB"],
+            [[v, _acc_text(a), _num(a["val"], ".4f"), _num(a["fit"], ".4f"), _num(a["trainable"], ",.0f"),
+              _num(a["s_step"], ".3f"),
               _num(a["peak"], ".0f")] for v, _, a in points]))
         for _, s, a in points:
             if best is None or a["val"] > best[1]["val"]:

@@ -55,6 +55,7 @@ def test_every_method_gives_a_row(smoke):
         assert not row["error"], (method, row["error"])
         assert math.isfinite(row["test_acc"]) and 0.0 <= row["test_acc"] <= 1.0, method
         assert 0.0 <= row["best_val_acc"] <= 1.0 and row["best_step"] == 2 and row["steps"] == 2, method
+        assert 0.0 <= row["train_acc"] <= 1.0, method
         assert row["s_per_step"] > 0, method
         for col in ("machine", "versions", "commit", "utc"):
             assert row[col], (method, col)
@@ -105,7 +106,9 @@ def test_report_names_every_method(smoke):
     for method in rows:
         assert f"| {method} |" in text
     assert not (out / compare_methods.CSV_NAME).exists()  # --no-record
-    assert not (out / compare_methods.SWEEP_MD_NAME).exists()  # no sweep rows
+    # the ptuning-v2-reparam row is also the sweep's MLP point at P 16 (SAME_MODEL): the sweep report shows it
+    sweep = (out / compare_methods.SWEEP_MD_NAME).read_text()
+    assert "## prompt length, MLP reparameterization" in sweep
 
 
 def test_sweep_report_and_plot_from_rows(tmp_path):
