@@ -36,8 +36,9 @@ transformers 5 its prefix tuning for sequence classification raises at the first
 carries the error text instead of an accuracy.
 
 The sweep (`--sweep`): P-Tuning v2 (the ptuning-v2 row's settings as the base), one factor at a time:
-prompt length 4-128 (mean pooling; with the MLP reparameterization; with [CLS] pooling), learning rate
-(prefix and head together), head learning rate (prefix at 1e-2), epochs 1 / 2 / 4.
+prompt length 4-128 (mean pooling; with the MLP reparameterization at lr 1e-3; with [CLS] pooling), learning
+rate (prefix and head together), head learning rate (prefix at 1e-2), epochs 1 / 2 / 4, the prefix's init
+(N(0, 1) or zeros).
 
 Every run appends one row (method, seed, settings JSON, test/validation accuracy, trainable parameters,
 median seconds per training step, peak memory of one training step by `PeakMemory`, wall time, machine,
@@ -90,10 +91,11 @@ METHODS: dict[str, dict] = {
     "ptuning-v1": dict(prompt_length=16, encoder="lstm", lr=1e-3, head_lr=1e-2, pooling="mean"),
     # The MLP's output moves every layer's prefix at once: at lr 3e-3 and 1e-2 it collapsed (validation 0.563, the
     # majority class, from the first evaluation on); 1e-3 trains. The head keeps the prefix methods' 1e-2.
-    "prefix-tuning": dict(prompt_length=16, reparam=True, prefix_dropout=0.0, lr=1e-3, head_lr=1e-2, pooling="mean"),
-    "ptuning-v2": dict(prompt_length=16, reparam=False, prefix_dropout=0.1, lr=1e-2, pooling="mean"),
-    "ptuning-v2-reparam": dict(prompt_length=16, reparam=True, prefix_dropout=0.1, lr=1e-3, head_lr=1e-2,
-                               pooling="mean"),
+    "prefix-tuning": dict(prompt_length=16, reparam=True, prefix_dropout=0.0, init="random", lr=1e-3, head_lr=1e-2,
+                          pooling="mean"),
+    "ptuning-v2": dict(prompt_length=16, reparam=False, prefix_dropout=0.1, init="random", lr=1e-2, pooling="mean"),
+    "ptuning-v2-reparam": dict(prompt_length=16, reparam=True, prefix_dropout=0.1, init="random", lr=1e-3,
+                               head_lr=1e-2, pooling="mean"),
     "full-finetune": dict(lr=5e-5, pooling="mean"),
     "peft-prefix-tuning": dict(prompt_length=16, lr=1e-2, pooling="pooler"),
 }
@@ -111,8 +113,19 @@ TRAINS = {
 SAME_MODEL = {"ptuning-v2-reparam": "ptuning-v2"}
 
 
+# Settings added after rows were measured, and the value those rows ran with.
+SETTING_DEFAULTS = {"group_by_length": False, "init": "random"}
+
+
 def run_key(method: str, settings) -> tuple[str, str]:
-    return SAME_MODEL.get(method, method), settings if isinstance(settings, str) else settings_key(settings)
+    """(method, settings JSON) identifying a run: SAME_MODEL methods merged, missing keys at SETTING_DEFAULTS."""
+    s = json.loads(settings) if isinstance(settings, str) else dict(settings)
+    if "prompt_length" not in s:  # the methods without a prefix have no init
+        s.pop("init", None)
+    else:
+        s.setdefault("init", SETTING_DEFAULTS["init"])
+    s.setdefault("group_by_length", SETTING_DEFAULTS["group_by_length"])
+    return SAME_MODEL.get(method, method), settings_key(s)
 
 
 PROMPT_LENGTHS = (4, 8, 16, 32, 64, 128)
@@ -130,6 +143,7 @@ def sweep_families() -> list[tuple[str, str, list[dict]]]:
         ("learning rate (prefix and head)", "lr", [{"lr": v, "head_lr": v} for v in (1e-3, 3e-3, 1e-2, 3e-2, 5e-2)]),
         ("head learning rate (prefix lr 1e-2)", "head_lr", [{"head_lr": v} for v in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)]),
         ("epochs", "epochs", [{"epochs": e} for e in (1, 2, 4)]),
+        ("prefix init (N(0, 1) or zeros; PEFT's init_weights)", "init", [{"init": v} for v in ("random", "zero")]),
     ]
 
 
@@ -161,7 +175,6 @@ def settings_key(settings: dict) -> str:
 
 
 SCOPE_KEYS = ("batch_size", "max_length", "group_by_length", "train_limit", "eval_limit", "max_steps")
-SCOPE_DEFAULTS = {"group_by_length": False}  # rows measured before the key existed: plain random batches
 
 
 def in_scope(row: dict, args) -> bool:
@@ -171,7 +184,7 @@ def in_scope(row: dict, args) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     want = data_settings(args)
-    return all(s.get(k, SCOPE_DEFAULTS.get(k)) == want[k] for k in SCOPE_KEYS)
+    return all(s.get(k, SETTING_DEFAULTS.get(k)) == want[k] for k in SCOPE_KEYS)
 
 
 def plan(args) -> list[tuple[str, dict]]:
@@ -272,12 +285,12 @@ def build(method: str, s: dict, seed: int, ctx: Context) -> Built:
         if method != "prefix-tuning" and not s["reparam"]:  # the demo's own model
             model = demo.build_model(ctx.model_path, prompt_length=s["prompt_length"], backend=ctx.backend,
                                      device=ctx.device, pooling=s["pooling"], prefix_dropout=s["prefix_dropout"],
-                                     seed=seed)
+                                     init=s["init"], seed=seed)
         else:
             enc, _ = _encoder(ctx, seed)
             cls = pk.PrefixTuningConfig if method == "prefix-tuning" else pk.PTuningV2Config
             config = cls(num_virtual_tokens=s["prompt_length"], prefix_projection=s["reparam"],
-                         prefix_dropout=s["prefix_dropout"], backend=ctx.backend)
+                         prefix_dropout=s["prefix_dropout"], init=s["init"], backend=ctx.backend)
             model = pk.PrefixTaskModel(enc, config, {"sentiment": 2}, pooling=s["pooling"])
         n_enc = sum(p.numel() for p in model.backbone.parameters())
         return _plain(ctx, model, s, model.heads.parameters(), n_enc)

@@ -129,7 +129,7 @@ def test_sweep_report_and_plot_from_rows(tmp_path):
     text = open(md).read()
     assert "## prompt length, [CLS] pooling" in text and "Best by validation accuracy" in text
     assert "± 0.0014 (2 seeds" in text
-    assert len(compare_methods.plan(args)) == 28
+    assert len(compare_methods.plan(args)) == 29
 
 
 def test_resume_skips_runs_in_the_csv(tmp_path, capsys):
@@ -190,4 +190,4 @@ def test_a_reparam_run_counts_for_the_sweep_point_with_its_settings(tmp_path, ca
     compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), [
         {"method": "ptuning-v2-reparam", "seed": 0, "settings": compare_methods.settings_key(s), "test_acc": 0.8}])
     compare_methods.main(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
-    assert "27 runs (1 already in" in capsys.readouterr().out
+    assert "28 runs (1 already in" in capsys.readouterr().out

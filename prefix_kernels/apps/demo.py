@@ -124,7 +124,7 @@ def accuracy(model, rows, tokenizer, *, batch_size=128, max_length=64, device="c
 
 
 def build_model(model_path, *, prompt_length: int, backend: str | None, device, pooling: str = "mean",
-                prefix_dropout: float = 0.1, reparam: bool = False, seed: int = 0):
+                prefix_dropout: float = 0.1, reparam: bool = False, init: str = "random", seed: int = 0):
     """The demo's task model: `PTuningV2Config` (with the MLP reparameterization when `reparam`) on the frozen
     encoder, one sentiment head."""
     from transformers import AutoModel
@@ -132,7 +132,7 @@ def build_model(model_path, *, prompt_length: int, backend: str | None, device, 
     torch.manual_seed(seed)
     backbone = AutoModel.from_pretrained(str(model_path)).to(device)
     config = pk.PTuningV2Config(num_virtual_tokens=prompt_length, prefix_dropout=prefix_dropout,
-                                prefix_projection=reparam, backend=backend)
+                                prefix_projection=reparam, init=init, backend=backend)
     model = pk.PrefixTaskModel(backbone, config, {"sentiment": 2}, pooling=pooling)
     return model
 
