@@ -16,7 +16,7 @@ DEMO_ARGS ?=
 EXAMPLE_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo example bench compile-check cuda-check test-min-transformers clean
+.PHONY: setup test demo example bench compile-check compile-check-triton36 cuda-check test-min-transformers clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,16 @@ bench: setup
 
 compile-check: setup
 	env -u TRITON_INTERPRET $(BIN)/python tools/triton_compile_check.py
+
+# The same static compile check against the Triton that torch 2.11 ships with (3.6.0), in a separate venv under
+# build/ (only torch and triton: the in-place package is imported through PYTHONPATH, no C++ extension built).
+TRITON36_VENV ?= build/.venv-triton36
+TRITON36_SPEC ?= triton==3.6.0
+compile-check-triton36:
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON36_SPEC)" numpy
+	env -u TRITON_INTERPRET PYTHONPATH=. $(TRITON36_VENV)/bin/python \
+	  tools/triton_compile_check.py --out benchmarks/results/static_compile_triton36.md
 
 # Compile the CUDA extension for sm_80 and sm_90 with the CUDA build of torch (no GPU needed) and report
 # registers/spills per kernel; a spill fails. Uses a separate venv, as the CUDA torch is ~5.5 GB.

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
-                                               TILE_CONFIGS)
+from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
+                                               PREPROCESS_TILE, SM90_ONLY_TILES, TILE_CONFIGS)
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -45,13 +45,16 @@ def expected_rows() -> Counter:
     rows = Counter()
     for arch in ARCHS:
         for kernel, buckets in TILE_CONFIGS.items():
-            for d_pad, tiles in buckets.items():
-                variants = [("bf16", "yes", "no")]
-                if kernel == "fwd":
-                    variants.append(("bf16", "no", "no"))
-                for bm, bn, w, s in tiles:
-                    for variant in variants:
-                        rows[(kernel, *variant, str(d_pad), str(bm), str(bn), str(w), str(s), f"sm_{arch}")] += 1
+            # A kernel with dropout tiles of its own (the forward): plain tiles without dropout, dropout tiles with.
+            variants = [("no", buckets), ("yes", DROPOUT_TILE_CONFIGS[kernel])] if kernel in DROPOUT_TILE_CONFIGS \
+                else [("yes", buckets)]
+            for dropout, table in variants:
+                for d_pad, tiles in table.items():
+                    if table is buckets:  # the plain tiles: SM90_ONLY_TILES from sm_90 on
+                        tiles = [t for t in tiles if arch >= 90 or t not in SM90_ONLY_TILES.get((kernel, d_pad), ())]
+                    for bm, bn, w, s in tiles:
+                        rows[(kernel, "bf16", dropout, "no", str(d_pad), str(bm), str(bn), str(w), str(s),
+                              f"sm_{arch}")] += 1
         for kernel, buckets in FEATURE_TILE_CONFIGS.items():
             for d_pad, tiles in buckets.items():
                 for bm, bn, w, s in tiles:
@@ -113,6 +116,49 @@ def test_ptxas_log_parser():
     assert first.spills and not second.spills
     assert (second.kernel, second.arch, second.registers, second.smem) == ("_Z3fwdILi64EEvv", "sm_80", 40, 0)
     assert ptxas.parse("ptxas info    : 0 bytes gmem\n") == []
+
+
+SEED_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton_compile_check as check
+from triton.runtime.autotuner import Autotuner
+
+from prefix_kernels.ops.triton import kernels
+
+for job in check.plan((90,), quick=True):
+    if job.kernel == "bwd_preprocess":
+        continue
+    fn = getattr(kernels, job.function)
+    fn = fn.fn if isinstance(fn, Autotuner) else fn
+    assert "seed" in fn.do_not_specialize, job.function
+    index = fn.arg_names.index("seed")
+    assert fn.params[index].do_not_specialize, job.function
+    for seed in (1, 32, 2**40):  # 1 would become a constant, 32 and 2**40 "divisible by 16"
+        original = check._launch_args
+
+        def launch_args(j, seed=seed, original=original):
+            name, args, consts = original(j)
+            return name, dict(args, seed=seed), consts
+
+        check._launch_args = launch_args
+        src = check._ast_source(job)
+        check._launch_args = original
+        assert (index,) not in src.constants and (index,) not in src.attrs, (job.function, seed, src.attrs)
+        assert src.signature["seed"] in ("i32", "i64"), src.signature["seed"]
+print("ok")
+"""
+
+
+def test_seed_is_not_a_specialization_key():
+    """Triton specializes int arguments equal to 1 (a constant) or divisible by 16: a dropout seed would
+    recompile the kernels for such values. Every kernel taking `seed` lists it in do_not_specialize, so the
+    signature a launch compiles (as the static check builds it) has no specialization for it. Real JIT functions
+    only: a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SEED_CHECK, str(TOOLS)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=str(TOOLS.parent))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_compile_check_plan_covers_every_tile_config():

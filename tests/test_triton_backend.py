@@ -15,6 +15,7 @@ import torch
 from attention_cases import BASE, Case, assert_matches_reference, make_inputs, packed_case, run_with_grads
 
 from prefix_kernels.ops import available_backends, prefix_attention, reference_prefix_attention
+from prefix_kernels.ops.triton import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
@@ -30,8 +31,12 @@ if "triton" in available_backends(DEVICE):
                for bucket, tiles in buckets.items() for tile in tiles]
     SHIPPED_FEATURES = [(kernel, bucket, tile) for kernel, buckets in configs.FEATURE_TILE_CONFIGS.items()
                         for bucket, tiles in buckets.items() for tile in tiles]
+    SHIPPED_DROPOUT = [(kernel, bucket, tile) for kernel, buckets in configs.DROPOUT_TILE_CONFIGS.items()
+                       for bucket, tiles in buckets.items() for tile in tiles]
+    ALL_TABLES = (configs.TILE_CONFIGS, configs.DROPOUT_TILE_CONFIGS, configs.FEATURE_TILE_CONFIGS)
 else:
-    SHIPPED = SHIPPED_FEATURES = []
+    SHIPPED = SHIPPED_FEATURES = SHIPPED_DROPOUT = []
+    ALL_TABLES = ()
 
 
 def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> list:
@@ -88,6 +93,17 @@ def test_every_shipped_feature_tile_config(monkeypatch, kernel, bucket, tile, dt
     assert launched == [(kernel, tile)], launched
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,bucket,tile", SHIPPED_DROPOUT,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_every_shipped_dropout_tile_config(monkeypatch, kernel, bucket, tile):
+    """Each entry of configs.DROPOUT_TILE_CONFIGS, forced on its kernel, with dropout (replayed by the oracle)."""
+    case = Case(B=2, Hq=4, Hkv=2, L=150, S=170, P=130, D=HEAD_DIM_OF_BUCKET[bucket], padding=True)
+    launched = force_tiles(monkeypatch, {kernel: tile})
+    assert_matches_reference(case, torch.bfloat16, "cuda", "triton", dropout_p=0.2, seed=1234)
+    assert launched == [(kernel, tile)], launched
+
+
 # Tiles no pinned config uses, all four kernels at once, with several blocks per row at the interpreter's size.
 SMALL_TILES = {"fwd": (16, 32, 4, 1), "bwd_dq": (32, 16, 4, 1), "bwd_dkdv": (32, 16, 4, 1),
                "bwd_dprefix": (16, 32, 4, 1)}
@@ -105,7 +121,7 @@ def test_forced_tiles_run_and_match_the_reference(monkeypatch, deterministic):
 
 def test_tile_configs_are_well_formed():
     """Every kernel has tiles for every head-dim bucket; blocks are powers of two the kernels can `tl.dot`."""
-    for kernel, buckets in [*configs.TILE_CONFIGS.items(), *configs.FEATURE_TILE_CONFIGS.items()]:
+    for kernel, buckets in [item for table in ALL_TABLES for item in table.items()]:
         assert sorted(buckets) == [64, 128, 256], kernel
         for bucket, tiles in buckets.items():
             assert tiles and len(set(tiles)) == len(tiles), (kernel, bucket)
@@ -123,8 +139,7 @@ def test_autotuner_offers_every_shipped_config():
     for kernel in AUTOTUNED:
         offered = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                    for c in configs.all_configs(kernel)}
-        shipped = {t for table in (configs.TILE_CONFIGS, configs.FEATURE_TILE_CONFIGS)
-                   for tiles in table[kernel].values() for t in tiles}
+        shipped = {t for table in ALL_TABLES for tiles in table.get(kernel, {}).values() for t in tiles}
         assert offered == shipped, kernel
 
 
@@ -143,14 +158,247 @@ def test_feature_launches_choose_among_the_feature_tiles(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     monkeypatch.setattr(configs, "pinned", lambda: False)
     for kernel, autotuned in AUTOTUNED.items():
-        offered = [configs._config(tile) for table in (configs.TILE_CONFIGS, configs.FEATURE_TILE_CONFIGS)
-                   for tiles in table[kernel].values() for tile in tiles]
+        offered = [configs._config(tile) for table in ALL_TABLES
+                   for tiles in table.get(kernel, {}).values() for tile in tiles]
         for flag in configs.FEATURE_KEYS[kernel]:
             for d_pad, bucket in ((32, 64), (128, 128), (256, 256)):
                 for features, table in ((False, configs.TILE_CONFIGS), (True, configs.FEATURE_TILE_CONFIGS)):
                     kept = autotuned.early_config_prune(offered, {}, D_PAD=d_pad, **{flag: features})
                     tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
                     assert tiles == set(table[kernel][bucket]), (kernel, flag, d_pad, features)
+            # Dropout without features: the kernel's dropout tiles where it has its own (the forward).
+            dropout_table = configs.DROPOUT_TILE_CONFIGS.get(kernel, configs.TILE_CONFIGS[kernel])
+            for d_pad, bucket in ((32, 64), (128, 128), (256, 256)):
+                kept = autotuned.early_config_prune(offered, {}, D_PAD=d_pad, DROPOUT=True)
+                assert {configs._tile(c) for c in kept} == set(dropout_table[bucket]), (kernel, d_pad)
+
+
+def test_forward_tiles_differ_with_dropout():
+    """Philox's registers: the forward's dropout tiles are their own (lighter) list, and the plain forward has
+    Hopper-sized 128-row tiles with 8 warps."""
+    for bucket in (64, 128, 256):
+        plain = configs.TILE_CONFIGS["fwd"][bucket]
+        dropout = configs.DROPOUT_TILE_CONFIGS["fwd"][bucket]
+        assert plain != dropout, bucket
+        assert max(bm * bn for bm, bn, _, _ in dropout) <= max(bm * bn for bm, bn, _, _ in plain), bucket
+    assert any(bm == 128 and w == 8 for bm, _, w, _ in configs.TILE_CONFIGS["fwd"][64])
+    assert any(bm == 128 and w == 8 for bm, _, w, _ in configs.TILE_CONFIGS["fwd"][128])
+
+
+def test_sm90_only_tiles(monkeypatch):
+    """Tiles that spill on sm_80 ship for sm_90 on: in the plain table, never first (the pinned tile runs
+    everywhere), offered by the autotuner only on a device of capability 9.0 or more."""
+    for (kernel, bucket), tiles in configs.SM90_ONLY_TILES.items():
+        plain = configs.TILE_CONFIGS[kernel][bucket]
+        assert tiles and tiles <= set(plain) and plain[0] not in tiles, (kernel, bucket)
+        assert not tiles & set(configs.tiles_for_arch(kernel, bucket, plain, 80))
+        assert configs.tiles_for_arch(kernel, bucket, plain, 90) == plain
+        assert configs.tiles_for_arch(kernel, bucket, plain, None) == plain
+    assert (128, 64, 8, 3) in configs.SM90_ONLY_TILES[("fwd", 128)]
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "pinned", lambda: False)
+    offered = [configs._config(t) for t in configs.TILE_CONFIGS["fwd"][128]]
+    for arch, want in ((80, False), (90, True), (100, True)):
+        monkeypatch.setattr(configs, "device_arch", lambda arch=arch: arch)
+        kept = {configs._tile(c) for c in AUTOTUNED["fwd"].early_config_prune(offered, {}, D_PAD=128)}
+        assert ((128, 64, 8, 3) in kept) == want and (128, 32, 8, 3) in kept, arch
+
+
+def test_autotune_key_has_prefix_length_and_group():
+    for kernel, autotuned in AUTOTUNED.items():
+        assert "P_BUCKET" in autotuned.keys and "GROUP" in autotuned.keys, (kernel, autotuned.keys)
+        assert "L_BUCKET" in autotuned.keys and "D_PAD" in autotuned.keys and "DROPOUT" in autotuned.keys
+    assert launch._buckets(1, 0, 0) == (1, 1, 1) and launch._buckets(100, 1000, 130) == (128, 1024, 256)
+
+
+def _configs(*tiles):
+    return [configs._config(t) for t in tiles]
+
+
+def test_prune_by_size():
+    """Query blocks larger than the next power of two of L are dropped (keeping the smallest block when all
+    are), key blocks likewise against S (bwd_dkdv) and P (bwd_dprefix)."""
+    offered = _configs((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2))
+    for kernel in ("fwd", "bwd_dq"):
+        everything = set(map(configs._tile, offered))
+        assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 1024)} == everything
+        assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 64)} == {
+            (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)}
+        assert [configs._tile(c) for c in configs.prune_by_size(kernel, offered, 1)] == [(32, 64, 4, 2)]  # decode
+        assert configs.prune_by_size(kernel, offered, None) == offered
+    for kernel in ("bwd_dkdv", "bwd_dprefix"):
+        assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 32)} == {(64, 32, 4, 3)}
+        assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 16)} == {(64, 32, 4, 3)}
+        assert len(configs.prune_by_size(kernel, offered, 64)) == 4
+
+
+def test_autotuner_prunes_by_size(monkeypatch):
+    """The autotuner's prune applies the size rule on the call's buckets (a decode step keeps the smallest query
+    blocks; a short prefix the smallest prefix key blocks)."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "pinned", lambda: False)
+    sizes = {"fwd": "L_BUCKET", "bwd_dq": "L_BUCKET", "bwd_dkdv": "S_BUCKET", "bwd_dprefix": "P_BUCKET"}
+    block = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkdv": "BLOCK_N", "bwd_dprefix": "BLOCK_N"}
+    for kernel, autotuned in AUTOTUNED.items():
+        offered = [configs._config(tile) for table in ALL_TABLES for tiles in table.get(kernel, {}).values()
+                   for tile in tiles]
+        for d_pad, bucket in ((64, 64), (128, 128)):
+            shipped = configs.TILE_CONFIGS[kernel][bucket]
+            kept = autotuned.early_config_prune(offered, {sizes[kernel]: 1}, D_PAD=d_pad)
+            smallest = min(t[0 if block[kernel] == "BLOCK_M" else 1] for t in shipped)
+            assert kept and all(c.kwargs[block[kernel]] == smallest for c in kept), (kernel, bucket)
+            kept = autotuned.early_config_prune(offered, {sizes[kernel]: 4096}, D_PAD=d_pad)
+            assert {configs._tile(c) for c in kept} == set(shipped), (kernel, bucket)
+
+
+# ---- launch: grids, TF32, the dropout seed --------------------------------------------------------------------
+
+
+def test_grids_put_batch_times_heads_on_axis_0():
+    """Grid axes 1 and 2 stop at 65535 programs: B * H goes on axis 0 (decode at B = 4096 with 32 heads is
+    131072 programs), the blocks on axis 1."""
+    plain = dict(PACKED=False)
+    assert launch._grid(1, 16, 4096 * 32, plain, 1) == (4096 * 32, 1)
+    assert launch._grid(300, 128, 6, plain, 1) == (6, 3)
+    assert launch._grid(300, 64, 6, dict(PACKED=True), 5) == (6, 300 // 64 + 5)
+
+
+def test_every_launch_has_batch_times_heads_on_axis_0(monkeypatch):
+    """Every kernel launch of a forward and backward (GQA, so B * Hq and B * Hkv differ) puts its rows first."""
+    grids = []
+    original = launch._launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        meta = {"BLOCK_M": configs.INTERPRETER_TILE[0], "BLOCK_N": configs.INTERPRETER_TILE[1]}
+        grids.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, grid(meta) if callable(grid) else grid))
+        original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    case = Case(B=3, Hq=4, Hkv=2, L=40, S=37, P=5, D=16)
+    assert_matches_reference(case, torch.float32, DEVICE, "triton")
+    rows = {"prefix_attention_fwd": 12, "prefix_attention_bwd_preprocess": 12, "prefix_attention_bwd_dq": 12,
+            "prefix_attention_bwd_dkdv": 6}
+    seen = {name: grid for name, grid in grids if name in rows}
+    assert set(seen) == set(rows), grids
+    for name, grid in seen.items():
+        assert grid[0] == rows[name] and grid[1] == -(-(40 if name != "prefix_attention_bwd_dkdv" else 37) // 16), \
+            (name, grid)
+
+
+@pytest.mark.gpu
+def test_decode_with_more_than_65535_rows():
+    """Decode (L = 1) at B = 4096 with 32 query heads: 131072 programs, more than a grid's axis 1 or 2 takes."""
+    case = Case(B=4096, Hq=32, Hkv=8, L=1, S=24, P=8, D=64)
+    assert_matches_reference(case, torch.bfloat16, "cuda", "triton")
+
+
+class _LegacyMatmul:
+    """torch.backends.cuda.matmul of a torch before 2.9: only allow_tf32."""
+
+    def __init__(self, allow_tf32: bool):
+        self.allow_tf32 = allow_tf32
+
+
+class _NewMatmul:
+    """torch >= 2.9: fp32_precision ("none" defers to the legacy flag), and allow_tf32 refuses mixed use."""
+
+    def __init__(self, precision: str, legacy=False):
+        self.fp32_precision = precision
+        self._legacy = legacy
+
+    @property
+    def allow_tf32(self):
+        if self._legacy is None:
+            raise RuntimeError("mix of the legacy and new APIs")
+        return self._legacy
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    """fp32 inputs take TF32 dots when PyTorch allows TF32 matmuls (old or new API), IEEE otherwise; half
+    inputs always "tf32" (ignored); the interpreter always computes IEEE."""
+    assert launch.dot_precision(torch.float16) == launch.dot_precision(torch.bfloat16) == "tf32"
+    if interpreting():
+        assert launch.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for matmul, want in [(_LegacyMatmul(True), "tf32"), (_LegacyMatmul(False), "ieee"), (_NewMatmul("tf32"), "tf32"),
+                         (_NewMatmul("ieee", legacy=True), "ieee"), (_NewMatmul("none", legacy=True), "tf32"),
+                         (_NewMatmul("none", legacy=False), "ieee"), (_NewMatmul("none", legacy=None), "ieee")]:
+        monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+        assert launch.dot_precision(torch.float32) == want, vars(matmul)
+        assert launch.dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_fp32_dot_precision_with_this_torch(monkeypatch):
+    """The real flags of the installed torch, through both of its APIs."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        if new_api:
+            matmul.fp32_precision = "tf32"
+            assert launch.dot_precision(torch.float32) == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert launch.dot_precision(torch.float32) == "ieee"
+        else:
+            matmul.allow_tf32 = True
+            assert launch.dot_precision(torch.float32) == "tf32"
+            matmul.allow_tf32 = False
+            assert launch.dot_precision(torch.float32) == "ieee"
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+# ---- the interpreter at the shipped tile sizes -------------------------------------------------------------
+
+
+SHIPPED_TILE_CASES = [
+    # odd L and S, P not a multiple of BLOCK_N, causal with S > L (the diagonal inside the second query block)
+    Case(B=1, Hq=2, Hkv=1, L=150, S=170, P=70, D=32, padding=True),
+    Case(B=1, Hq=2, Hkv=1, L=150, S=170, P=70, D=32, causal=False),
+    # GQA (group 3), L > S, several prefixes, D padded
+    Case(B=2, Hq=3, Hkv=1, L=133, S=90, P=130, D=24, T=2),
+    # the window's masked lower band, softcap and sinks, and packed sequences longer than a tile
+    Case(B=1, Hq=2, Hkv=1, L=200, S=260, P=3, D=16, window=70, softcap=3.0, sinks=True),
+    packed_case((150, 37, 140), Hq=2, Hkv=1, P=66, D=16, T=2, window=100),
+]
+
+
+@pytest.mark.skipif(not interpreting(), reason="the GPU runs the shipped tiles anyway")
+@pytest.mark.parametrize("case", SHIPPED_TILE_CASES, ids=Case.id)
+def test_interpreter_at_shipped_tiles(monkeypatch, case):
+    """configs.shipped_tiles(): the interpreter runs each kernel at its first shipped tile (BLOCK_M 128 for the
+    forward), so the production index math (the unmasked/masked split of the key loops, int64 bases) executes;
+    forward and backward match the float64 oracle in fp32."""
+    used = []
+    original = configs.interpreter_shipped_tile
+
+    def recording(kernel, kwargs):
+        tile = original(kernel, kwargs)
+        if tile is not None:
+            used.append((kernel.fn.__name__, tile))
+        return tile
+
+    monkeypatch.setattr(configs, "interpreter_shipped_tile", recording)
+    with configs.shipped_tiles():
+        assert configs.plain_tile(configs.PREPROCESS_TILE) == configs.PREPROCESS_TILE
+        assert_matches_reference(case, torch.float32, DEVICE, "triton")
+    assert configs.plain_tile(configs.PREPROCESS_TILE)[0] == configs.INTERPRETER_TILE[0]
+    features = bool(case.features())
+    bucket = configs.head_dim_bucket(max(16, 1 << (case.D - 1).bit_length()))
+    want = {"prefix_attention_" + k: configs.tile_table(k, features)[bucket][0] for k in AUTOTUNED}
+    assert dict(used) == want, used
+    assert want["prefix_attention_fwd"][0] == (64 if features else 128)
+
+
+def test_shipped_tiles_env_var(monkeypatch):
+    """PREFIX_KERNELS_INTERPRETER_TILES=shipped does the same, read at launch time."""
+    assert not configs.interpreter_runs_shipped_tiles()
+    monkeypatch.setenv(configs.INTERPRETER_TILES_ENV, "shipped")
+    assert configs.interpreter_runs_shipped_tiles() == interpreting()
 
 
 # ---- the atomic prefix reduction (deterministic=False) ------------------------------------------------------

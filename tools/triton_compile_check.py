@@ -2,14 +2,16 @@
 
 Every shipped kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the
-"full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward also without
-dropout, and with --fp32 in fp32 with "ieee" dots for D_PAD <= 128), and for every tile config of
+"full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward without dropout
+on its plain tiles, with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128, and with dropout on the tiles
+of `configs.DROPOUT_TILE_CONFIGS`), and for every tile config of
 `configs.FEATURE_TILE_CONFIGS` the four attention kernels with every optional feature on (FEATURES: window,
 softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which packed sequences
-exclude). The argument types and the integer
-specializations (divisibility by 16, strides equal to 1 as constants) are those of a launch from `launch.py` on
-contiguous tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static
-shared memory ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
+exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The argument types and the integer
+specializations (divisibility by 16, strides equal to 1 as constants, none for the arguments a kernel lists in
+`do_not_specialize`, such as the dropout seed) are those of a launch from `launch.py` on contiguous tensors.
+Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared memory ptxas
+reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
 second ptxas run on the PTX when the kernel came from Triton's cache), read by tools/ptxas.py.
 
     python tools/triton_compile_check.py [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
@@ -86,20 +88,27 @@ class Row:
 
 def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
     """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
-    from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
-                                                   TILE_CONFIGS)
+    from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
+                                                   PREPROCESS_TILE, TILE_CONFIGS, tiles_for_arch)
 
     jobs = []
     for arch in archs:
         for kernel, buckets in TILE_CONFIGS.items():
-            for d_pad, tiles in sorted(buckets.items()):
-                for bm, bn, w, s in tiles[:1] if quick else tiles:
-                    variants = [("bf16", True)]
-                    if kernel == "fwd":
-                        variants.append(("bf16", False))
-                        if fp32 and d_pad <= FP32_MAX_D_PAD:
-                            variants.append(("fp32", True))
-                    for dtype, dropout in variants:
+            # (dtype, dropout, table): a kernel with its own dropout tiles compiles its plain tiles without
+            # dropout and its dropout tiles with it; the others compile their plain tiles with dropout.
+            if kernel in DROPOUT_TILE_CONFIGS:
+                variants = [("bf16", False, buckets), ("bf16", True, DROPOUT_TILE_CONFIGS[kernel])]
+                if fp32:
+                    variants.append(("fp32", False, buckets))
+            else:
+                variants = [("bf16", True, buckets)]
+            for dtype, dropout, table in variants:
+                for d_pad, tiles in sorted(table.items()):
+                    if dtype == "fp32" and d_pad > FP32_MAX_D_PAD:
+                        continue
+                    if table is buckets:  # the plain tiles: those of SM90_ONLY_TILES only from sm_90 on
+                        tiles = tiles_for_arch(kernel, d_pad, tiles, arch)
+                    for bm, bn, w, s in tiles[:1] if quick else tiles:
                         jobs.append(Job(kernel, dtype, dropout, d_pad, bm, bn, w, s, arch))
         for kernel, buckets in FEATURE_TILE_CONFIGS.items():
             for d_pad, tiles in sorted(buckets.items()):
@@ -141,7 +150,7 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
     p_s = _contig(T, HKV, P, D) if D else None
     kpm_s = _contig(B, S)
     scalars = dict(scale_log2=0.18033688011112042, dropout_p=0.1, seed=2**61 + 12345)
-    buckets = dict(L_BUCKET=1024, S_BUCKET=1024)
+    buckets = dict(L_BUCKET=1024, S_BUCKET=1024, P_BUCKET=512)
     tiles = dict(BLOCK_M=job.block_m, BLOCK_N=job.block_n)
     common = dict(GROUP=GROUP, D=D, D_PAD=D, DROPOUT=job.dropout,
                   DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32", **tiles)
@@ -222,7 +231,9 @@ def _ast_source(job: Job):
             signature[arg] = "constexpr"
             constexprs[arg] = consts[arg]
             continue
-        ty, spec = native_specialize_impl(CUDABackend, args[arg], False, True, True)
+        # (backend, value, is_const, specialize_value, align), as the JIT's launcher calls it.
+        specialize = i not in fn.do_not_specialize and arg not in fn.do_not_specialize
+        ty, spec = native_specialize_impl(CUDABackend, args[arg], False, specialize, True)
         signature[arg] = ty
         if ty == "constexpr":  # an int equal to 1
             constexprs[arg] = spec
@@ -396,8 +407,9 @@ def main(argv=None) -> int:
     text = (f"Static compile check of the prefix-kernels Triton kernels: triton {triton.__version__}, "
             f"ptxas {', '.join(sorted({_ptxas(a) for a in args.arch}))}, compiled on a CPU-only machine "
             f"(no GPU), {len(rows)} kernels in {seconds:.0f} s with {args.jobs} processes.\n"
-            f"Launch specialization: causal, key padding mask, {T} prefixes, dropout (the forward also without "
-            f"dropout{', and fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}); "
+            f"Launch specialization: causal, key padding mask, {T} prefixes, dropout (the forward: its plain tiles "
+            f"without dropout{', also in fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}"
+            f", its DROPOUT_TILE_CONFIGS with dropout); the tiles of SM90_ONLY_TILES on sm_90 only; "
             f"FEATURES = yes: window, softcap, sinks and packed sequences (with a prefix each), no padding mask; "
             f"deterministic prefix reduction; "
             f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD. "

@@ -1,16 +1,21 @@
 """Tile configurations of the Triton kernels, and the autotuner that chooses among them.
 
-`TILE_CONFIGS[kernel][D_PAD]` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); `FEATURE_TILE_CONFIGS` those
-of a launch that uses any optional feature (window, softcap, sinks, packed sequences), whose extra state makes
-some plain tiles spill. Every entry shipped here compiles for sm_80 and sm_90 without register spills and
-within shared memory (checked in CI by `tools/triton_compile_check.py`, the feature tiles with every feature
-on). Under pytest and the Triton interpreter one config is pinned so that tests do not spend their time tuning
-(the pattern of Triton's fused-attention tutorial).
+`TILE_CONFIGS[kernel][D_PAD]` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); `DROPOUT_TILE_CONFIGS` those of
+a launch with dropout for the kernels whose plain tiles are too heavy for Philox's registers (the forward);
+`FEATURE_TILE_CONFIGS` those of a launch that uses any optional feature (window, softcap, sinks, packed
+sequences), whose extra state makes some plain tiles spill. Every entry shipped here compiles for sm_80 and
+sm_90 without register spills and within shared memory (checked in CI by `tools/triton_compile_check.py`, the
+feature tiles with every feature and dropout on). Under pytest and the Triton interpreter one config is pinned
+so that tests do not spend their time tuning (the pattern of Triton's fused-attention tutorial); the
+interpreter runs a small tile unless `shipped_tiles()` (or PREFIX_KERNELS_INTERPRETER_TILES=shipped) asks for
+the shipped ones. docs/kernels.md describes the tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator, Optional
 
 import triton
 
@@ -18,50 +23,68 @@ from . import interpreting
 
 # kernel -> head-dim bucket -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
 TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    # The forward without dropout: FlashAttention-2's query blocks of 128 rows over 8 warps. Larger key blocks
+    # (128 x 128, and 128 x 64 at D 128 / 128 x 32 at D 256 on sm_80) spill; see SM90_ONLY_TILES.
     "fwd": {
-        64: [(64, 64, 4, 3), (64, 32, 4, 3)],
-        128: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
     },
     "bwd_dq": {
         64: [(64, 32, 4, 3), (64, 32, 4, 2)],
-        128: [(128, 32, 8, 2), (64, 32, 4, 2)],
+        128: [(64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
         256: [(32, 32, 4, 2), (16, 32, 4, 2)],
     },
     # For the key-side kernels BLOCK_N is the key block a program owns, BLOCK_M the query block it loops over.
     "bwd_dkdv": {
-        64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-        128: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-        256: [(32, 32, 8, 2), (16, 32, 4, 2)],
+        64: [(16, 64, 4, 2)],
+        128: [(32, 64, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 8, 2), (16, 32, 8, 2)],
     },
     "bwd_dprefix": {
-        64: [(64, 128, 8, 2), (32, 64, 4, 3)],
+        64: [(32, 64, 4, 3), (32, 64, 8, 2)],
         128: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
 }
-# With the features on, plain tiles already at 255 registers on sm_80 (and bwd_dkdv's at D 128 and 256 on sm_90)
-# spill: this table keeps the plain tiles that stay spill-free and adds lighter ones (more warps or smaller
-# blocks) where too few remain.
+# Plain tiles shipped only from a compute capability on (major * 10 + minor): they fit Hopper's registers
+# (wgmma accumulates with fewer of them) but spill on sm_80. Never the first entry of a list (the pinned one).
+SM90_ONLY_TILES: dict[tuple[str, int], set[tuple[int, int, int, int]]] = {
+    ("fwd", 128): {(128, 64, 8, 3)},
+    ("fwd", 256): {(128, 32, 8, 2)},
+    ("bwd_dq", 128): {(128, 32, 8, 2)},
+}
+# The forward with dropout: Philox keeps 4 more words per score live, so the Hopper-sized plain tiles above would
+# spill there; these lighter tiles do not.
+DROPOUT_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        64: [(64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(64, 32, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2)],
+        256: [(32, 32, 4, 2), (32, 32, 8, 2)],
+    },
+}
+# With the features on, plain tiles at 255 registers on sm_80 spill: this table keeps the plain tiles that stay
+# spill-free and adds lighter ones (more warps or smaller blocks) where too few remain. Every table is checked
+# with the newest Triton and with 3.6.0 (torch 2.11's), whose register allocation differs.
 FEATURE_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
     "fwd": {
-        64: [(64, 64, 8, 3), (64, 32, 4, 3)],
-        128: [(64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 3)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        64: [(64, 32, 8, 3), (32, 64, 4, 2)],
+        128: [(64, 32, 8, 2), (32, 64, 4, 3)],
+        256: [(32, 32, 4, 2), (32, 32, 8, 2)],
     },
     "bwd_dq": {
-        64: [(64, 32, 4, 3), (64, 32, 4, 2)],
-        128: [(64, 32, 8, 2), (32, 64, 4, 2)],
-        256: [(32, 32, 4, 2), (16, 32, 4, 2)],
+        64: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 64, 4, 2), (32, 32, 8, 2)],
+        256: [(32, 32, 4, 2), (16, 32, 8, 2)],
     },
     "bwd_dkdv": {
-        64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+        64: [(16, 64, 4, 2), (16, 32, 4, 2)],
         128: [(16, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 8, 2)],
     },
     "bwd_dprefix": {
         64: [(32, 64, 4, 3)],
-        128: [(32, 64, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 32, 4, 2), (32, 32, 8, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
 }
@@ -70,8 +93,10 @@ INTERPRETER_TILE = (16, 16, 4, 1)
 # kernel (a test helper) spills at 64 x 64 with 4 warps: Philox needs many registers per element.
 PREPROCESS_TILE = (64, None, 4, 3)
 DROPOUT_MASK_TILE = (32, 32, 4, 3)
-AUTOTUNE_KEY = ["L_BUCKET", "S_BUCKET", "D_PAD", "CAUSAL", "DROPOUT", "DOT_PRECISION"]
-PREFIX_AUTOTUNE_KEY = ["L_BUCKET", "D_PAD", "DROPOUT", "ATOMIC", "DOT_PRECISION"]
+# Sizes enter the key as powers of two (launch.py `_buckets`); GROUP (query heads per KV head) changes the
+# work of the key-side kernels per program and the L2 reuse of the query-side ones.
+AUTOTUNE_KEY = ["L_BUCKET", "S_BUCKET", "P_BUCKET", "GROUP", "D_PAD", "CAUSAL", "DROPOUT", "DOT_PRECISION"]
+PREFIX_AUTOTUNE_KEY = ["L_BUCKET", "P_BUCKET", "GROUP", "D_PAD", "DROPOUT", "ATOMIC", "DOT_PRECISION"]
 # The optional features each kernel takes as constexpr flags: they change its work per block (a window skips
 # blocks, softcap adds a tanh, packed sequences are shorter than L), so each has its own tuning.
 FEATURE_KEYS = {"fwd": ["WINDOW", "SOFTCAP", "SINKS", "PACKED"], "bwd_dq": ["WINDOW", "SOFTCAP", "PACKED"],
@@ -87,9 +112,59 @@ def pinned() -> bool:
     return interpreting() or "PYTEST_VERSION" in os.environ
 
 
+# ---- the interpreter at the shipped tile sizes ----------------------------------------------------------------
+
+INTERPRETER_TILES_ENV = "PREFIX_KERNELS_INTERPRETER_TILES"
+_shipped_in_interpreter = False
+
+
+def interpreter_runs_shipped_tiles() -> bool:
+    """Under the interpreter: whether launches use the shipped tiles (the first of each table, as pinned under
+    pytest) instead of INTERPRETER_TILE. Read at every launch: `shipped_tiles()` or
+    PREFIX_KERNELS_INTERPRETER_TILES=shipped."""
+    return interpreting() and (_shipped_in_interpreter or os.environ.get(INTERPRETER_TILES_ENV, "") == "shipped")
+
+
+@contextlib.contextmanager
+def shipped_tiles() -> Iterator[None]:
+    """Run the interpreter's launches inside this block at the shipped tile sizes, so that the production index
+    math (BLOCK_M 128 and friends) executes on CPU tensors."""
+    global _shipped_in_interpreter
+    previous, _shipped_in_interpreter = _shipped_in_interpreter, True
+    try:
+        yield
+    finally:
+        _shipped_in_interpreter = previous
+
+
+def tile_table(kernel: str, features: bool = False, dropout: bool = False) -> dict[int, list[tuple]]:
+    """The table a launch chooses its tiles from: features first, then dropout, then the plain tiles."""
+    if features:
+        return FEATURE_TILE_CONFIGS[kernel]
+    if dropout and kernel in DROPOUT_TILE_CONFIGS:
+        return DROPOUT_TILE_CONFIGS[kernel]
+    return TILE_CONFIGS[kernel]
+
+
+def _uses_features(kernel: str, args: dict) -> bool:
+    return any(bool(args.get(flag, False)) for flag in FEATURE_KEYS[kernel])
+
+
+def interpreter_shipped_tile(kernel, kwargs: dict) -> Optional[tuple[int, int, int, int]]:
+    """The tile an autotuned `kernel` launch runs under the interpreter at shipped sizes, or None (not the
+    interpreter, shipped tiles off, or a plain kernel)."""
+    if not interpreter_runs_shipped_tiles():
+        return None
+    name = getattr(getattr(kernel, "fn", None), "__name__", "").removeprefix("prefix_attention_")
+    if name not in FEATURE_KEYS:
+        return None
+    table = tile_table(name, _uses_features(name, kwargs), bool(kwargs.get("DROPOUT", False)))
+    return table[head_dim_bucket(kwargs["D_PAD"])][0]
+
+
 def plain_tile(tile: tuple) -> tuple:
-    """A plain kernel's tile, or the interpreter's small one."""
-    if interpreting():
+    """A plain kernel's tile, or the interpreter's small one (unless it runs the shipped tiles)."""
+    if interpreting() and not interpreter_runs_shipped_tiles():
         return (INTERPRETER_TILE[0], INTERPRETER_TILE[1] if tile[1] else None, *tile[2:])
     return tile
 
@@ -99,33 +174,77 @@ def _config(tile: tuple[int, int, int, int]) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def configs_for(kernel: str, d_pad: int, features: bool = False) -> list[triton.Config]:
+def _tile(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def device_arch() -> Optional[int]:
+    """The current CUDA device's compute capability as major * 10 + minor, None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def tiles_for_arch(kernel: str, bucket: int, tiles: list[tuple], arch: Optional[int]) -> list[tuple]:
+    """The tiles of a plain-table list that `arch` runs (SM90_ONLY_TILES dropped below sm_90; None: all)."""
+    hopper_only = SM90_ONLY_TILES.get((kernel, bucket), set())
+    return [t for t in tiles if arch is None or arch >= 90 or t not in hopper_only]
+
+
+def configs_for(kernel: str, d_pad: int, features: bool = False, dropout: bool = False,
+                arch: Optional[int] = None) -> list[triton.Config]:
     if interpreting():
         return [_config(INTERPRETER_TILE)]
-    tiles = (FEATURE_TILE_CONFIGS if features else TILE_CONFIGS)[kernel][head_dim_bucket(d_pad)]
+    bucket = head_dim_bucket(d_pad)
+    tiles = tile_table(kernel, features, dropout)[bucket]
+    if tiles is TILE_CONFIGS[kernel][bucket]:
+        tiles = tiles_for_arch(kernel, bucket, tiles, arch)
     return [_config(tiles[0])] if pinned() else [_config(t) for t in tiles]
 
 
 def all_configs(kernel: str) -> list[triton.Config]:
-    """Every config of a kernel for every head-dim bucket, plain or with features; the autotuner keeps those of
-    the call's D_PAD and features."""
+    """Every config of a kernel for every head-dim bucket, plain, with dropout or with features; the autotuner
+    keeps those of the call's D_PAD, dropout and features."""
     if interpreting():
         return [_config(INTERPRETER_TILE)]
     seen: dict[tuple, triton.Config] = {}
-    for table in (TILE_CONFIGS, FEATURE_TILE_CONFIGS):
-        for tiles in table[kernel].values():
+    for table in (TILE_CONFIGS, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS):
+        for tiles in table.get(kernel, {}).values():
             for tile in tiles:
                 seen.setdefault(tile, _config(tile))
     return list(seen.values())
 
 
+# The block a kernel loops over or owns along the size its grid walks: query blocks (BLOCK_M over L) for the
+# query-side kernels, key blocks (BLOCK_N) over S for bwd_dkdv and over P for bwd_dprefix.
+SIZE_PRUNE = {"fwd": ("BLOCK_M", "L_BUCKET"), "bwd_dq": ("BLOCK_M", "L_BUCKET"), "bwd_dkdv": ("BLOCK_N", "S_BUCKET"),
+              "bwd_dprefix": ("BLOCK_N", "P_BUCKET")}
+
+
+def prune_by_size(kernel: str, configs: list[triton.Config], bucket: Optional[int]) -> list[triton.Config]:
+    """Drop the configs whose grid block exceeds the (power-of-two) size it tiles, keeping at least the configs
+    of the smallest such block: a 128-query block for a decode step (L = 1) is 127 wasted rows."""
+    block, _ = SIZE_PRUNE[kernel]
+    if not configs or bucket is None:
+        return configs
+    kept = [c for c in configs if c.kwargs[block] <= bucket]
+    if kept:
+        return kept
+    smallest = min(c.kwargs[block] for c in configs)
+    return [c for c in configs if c.kwargs[block] == smallest]
+
+
 def autotuned_kernel(kernel: str):
     def prune(configs, named_args, **kwargs):
-        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
-        features = any(kwargs.get(flag, named_args.get(flag, False)) for flag in FEATURE_KEYS[kernel])
-        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                  for c in configs_for(kernel, d_pad, features)}
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        args = {**named_args, **kwargs}
+        features = _uses_features(kernel, args)
+        wanted = {_tile(c) for c in configs_for(kernel, args.get("D_PAD"), features, bool(args.get("DROPOUT")),
+                                                device_arch())}
+        kept = [c for c in configs if _tile(c) in wanted]
+        return prune_by_size(kernel, kept, args.get(SIZE_PRUNE[kernel][1]))
 
     key = (PREFIX_AUTOTUNE_KEY if kernel == "bwd_dprefix" else AUTOTUNE_KEY) + FEATURE_KEYS[kernel]
     reset = ["DPK", "DPV"] if kernel == "bwd_dprefix" else None

@@ -31,17 +31,33 @@ def _dropout_keep(seed, row_offset, cols, dropout_p):
 
 
 @triton.jit
-def _load_block(base, offs_rows, stride_row, offs_d, stride_d, row_mask, D: tl.constexpr):
+def _load_block(base, offs_rows, stride_row, offs_d, stride_d, row_mask, D: tl.constexpr, D_PAD: tl.constexpr,
+                MASKED: tl.constexpr):
+    """A [rows, D_PAD] tile. Row offsets that may pass 2**31 (rows * stride of a long sequence) come as int64
+    rows (a per-block vector in the loops: a 2-D offset tensor invariant in a loop would be hoisted out of it and
+    held in registers across the kernel), or the block's first row is folded into `base` (blocks loaded once).
+    MASKED: rows outside `row_mask` read 0; otherwise every row is inside the tensor and only the head-dim padding
+    (if any) is masked."""
     ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if MASKED:
+        if D == D_PAD:
+            return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if D == D_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
 
 @triton.jit
-def _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, S, HAS_KPM: tl.constexpr):
+def _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, S, HAS_KPM: tl.constexpr, FULL: tl.constexpr):
+    """Columns that are real keys (inside S and not padding). FULL: the block lies inside S."""
     valid = cols < S
     if HAS_KPM:
-        real = tl.load(KPM + b * stride_kpm_b + cols * stride_kpm_s, mask=valid, other=0)
-        valid = valid & (real != 0)
+        if FULL:
+            valid = tl.load(KPM + b * stride_kpm_b + cols * stride_kpm_s) != 0
+        else:
+            real = tl.load(KPM + b * stride_kpm_b + cols * stride_kpm_s, mask=valid, other=0)
+            valid = valid & (real != 0)
     return valid
 
 
@@ -53,25 +69,35 @@ def _tanh(x):
 
 @triton.jit
 def _scores(q, k, scale_log2, softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Log2-domain scores of q against k, and tanh(s / softcap) (the backward's 1 - tanh^2) under SOFTCAP.
+    """(x, th, mult): the log2-domain scores are `x * mult`, and th = tanh(s / softcap) (the backward's
+    1 - tanh^2) under SOFTCAP.
 
-    The cap applies to the natural-scale scores s = qk * scale; scale_log2 = scale * log2(e)."""
+    Without SOFTCAP x is the raw dot product and mult = scale * log2(e), so that callers fold the scale into
+    the exponent's FMA (`exp2(x * mult - m)`) instead of a separate multiply. With SOFTCAP the cap applies to
+    the natural-scale scores s = qk * scale, x is already in the log2 domain and mult = 1."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:
         th = _tanh(qk * (scale_log2 / (softcap * LOG2E)))
-        return th * (softcap * LOG2E), th
-    return qk * scale_log2, qk
+        return th * (softcap * LOG2E), th, 1.0
+    return qk, qk, scale_log2
 
 
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset, cols, dropout_p,
-               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    qk, _ = _scores(q, k, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
-    qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 NaN-free.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax. MASKED: `visible` applies; otherwise every query sees every key of
+    the block, so no select is spent on scores and the running max stays finite."""
+    x, _, mult = _scores(q, k, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
+    if MASKED:
+        x = tl.where(visible, x, float("-inf"))
+    # scale > 0, so max(x) * mult = max(x * mult): the max is taken on the raw scores, the scale folds into
+    # the FMA of exp2's argument.
+    m_new = tl.maximum(m_i, tl.max(x, 1) * mult)
+    m_safe = m_new
+    if MASKED:
+        # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 NaN-free.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(x * mult - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
@@ -100,6 +126,26 @@ def _seq_key_range(start_m, L, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     if WINDOW:
         lo = tl.maximum(start_m + (S - L) - window + 1, 0)
     return lo, (lo // BLOCK_N) * BLOCK_N, _causal_seq_end(start_m, L, S, BLOCK_M, CAUSAL)
+
+
+@triton.jit
+def _unmasked_key_blocks(start_m, L, S, window, seq_begin, seq_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[u_lo, u_hi): the key blocks inside [seq_begin, seq_end) that every query of the block sees whole (no
+    causal or window bound cuts them, and they lie inside S), as multiples of BLOCK_N. The blocks of
+    [seq_begin, u_lo) (the window's lower band) and [u_hi, seq_end) (the causal diagonal and the tail) are the
+    masked ones. Bounds are clamped at 0 before dividing (Triton's integer division truncates)."""
+    full_lo = seq_begin * 0
+    full_hi = S
+    if CAUSAL:
+        # Query start_m, the block's first, sees keys <= start_m + S - L.
+        full_hi = tl.minimum(S, tl.maximum(start_m + (S - L) + 1, 0))
+    if WINDOW:
+        # Its last query, start_m + BLOCK_M - 1, sees keys > start_m + BLOCK_M - 1 + S - L - window.
+        full_lo = tl.maximum(start_m + BLOCK_M + (S - L) - window, 0)
+    u_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, seq_begin), seq_end)
+    u_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, seq_end), u_lo)
+    return u_lo, u_hi
 
 
 @triton.jit
@@ -132,8 +178,73 @@ def _packed_sequence(CU_SEQLENS, pid, n_seqs, BLOCK: tl.constexpr):
     return lo, pid - (start // BLOCK + lo), start, length
 
 
-@autotuned_kernel("fwd")
 @triton.jit
+def _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp, stride_pvd, P,
+                     scale_log2, softcap, seed, row_offset, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
+                     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The prefix keys: every query sees them all, so the full blocks run unmasked and only the last partial
+    block masks its columns past P."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    p_full = (P // BLOCK_N) * BLOCK_N
+    for start_n in range(0, p_full, BLOCK_N):
+        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
+                        offs_n, D, D_PAD, False)
+        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
+                        offs_n, D, D_PAD, False)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, offs_n, scale_log2, softcap, seed, row_offset,
+                                   start_n + offs_n, dropout_p, False, SOFTCAP, DROPOUT, DOT_PRECISION)
+    for start_n in tl.range(p_full, P, BLOCK_N, num_stages=1):  # at most once: not pipelined
+        col_valid = offs_n < P - start_n
+        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
+                        col_valid, D, D_PAD, True)
+        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
+                        col_valid, D, D_PAD, True)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, col_valid[None, :], scale_log2, softcap, seed,
+                                   row_offset, start_n + offs_n, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                  KPM, stride_kpm_b, stride_kpm_s, b, lo, hi, seq_lo, offs_m, Ls, Ss, window,
+                  scale_log2, softcap, seed, row_offset, col_base, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Sequence key blocks [lo, hi). MASKED: the causal/window rules and the bounds S and seq_lo apply (and no
+    key outside them is loaded); otherwise the blocks are whole inside the view of every query, and only the
+    key padding (per column) applies."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    # The masked loop runs a few blocks (the diagonal, the tail, the window's band): it is not pipelined, which
+    # keeps its prologue out of the registers and shared memory the unmasked loop's pipeline uses.
+    if MASKED:
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            cols = start_n + offs_n
+            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
+            visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
+            kv_valid = cols < Ss
+            if WINDOW:
+                kv_valid = kv_valid & (cols >= seq_lo)
+            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
+            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
+                                       col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, True)[None, :]
+            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, offs_n, D, D_PAD, False)
+            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, offs_n, D, D_PAD, False)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
+                                       col_base + cols, dropout_p, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@autotuned_kernel("fwd")
+@triton.jit(do_not_specialize=["seed"])
 def prefix_attention_fwd(
     Q, K, V, PK, PV, KPM, PIDX, CU_SEQLENS, SINK_LOGITS, OUT, LSE,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -143,14 +254,15 @@ def prefix_attention_fwd(
     stride_pvt, stride_pvh, stride_pvp, stride_pvd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_kpm_b, stride_kpm_s,
-    Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET,
+    Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET, P_BUCKET,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MULTI_PREFIX: tl.constexpr, DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PACKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (B * Hq, query blocks): B * Hq on axis 0, which has no 65535 limit.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)  # int64 row offsets: B * stride_b may exceed 2**31 (long KV caches)
     h = pid_bh % Hq
     hkv = h // GROUP
@@ -167,27 +279,25 @@ def prefix_attention_fwd(
         Ss = Ls
         row_sel = seq
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)  # rows within the block; offs_m counts from the (sequence's) first query
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, D_PAD)
     row_valid = offs_m < Ls
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
-    o_base = OUT + b * stride_ob + h * stride_oh
-    if PACKED:
-        q_base += first.to(tl.int64) * stride_ql
-        k_base += first.to(tl.int64) * stride_ks
-        v_base += first.to(tl.int64) * stride_vs
-        o_base += first.to(tl.int64) * stride_ol
-    q = _load_block(q_base, offs_m, stride_ql, offs_d, stride_qd, row_valid, D)
+    # Base pointers in int64 (rows * stride may pass 2**31); offsets inside a block stay int32.
+    row0 = tl.cast(first + start_m, tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_ql
+    o_base = OUT + b * stride_ob + h * stride_oh + row0 * stride_ol
+    k_base = K + b * stride_kb + hkv * stride_kh + tl.cast(first, tl.int64) * stride_ks
+    v_base = V + b * stride_vb + hkv * stride_vh + tl.cast(first, tl.int64) * stride_vs
+    q = _load_block(q_base, offs_r, stride_ql, offs_d, stride_qd, row_valid, D, D_PAD, True)
     t = 0
     if MULTI_PREFIX:
         t = tl.load(PIDX + row_sel)
     pk_base = PK + t * stride_pkt + hkv * stride_pkh
     pv_base = PV + t * stride_pvt + hkv * stride_pvh
-    row_offset = (pid_bh.to(tl.int64) * L + first + offs_m) * (P + S)
+    lse_row = pid_bh.to(tl.int64) * L + first  # B * Hq * L may pass 2**31
+    row_offset = (lse_row + offs_m) * (P + S)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -198,26 +308,29 @@ def prefix_attention_fwd(
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    for start_n in range(0, P, BLOCK_N):
-        cols = start_n + offs_n
-        col_valid = cols < P
-        k = _load_block(pk_base, cols, stride_pkp, offs_d, stride_pkd, col_valid, D)
-        v = _load_block(pv_base, cols, stride_pvp, offs_d, stride_pvd, col_valid, D)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, col_valid[None, :], scale_log2, softcap, seed,
-                                   row_offset, cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp,
+                                     stride_pvd, P, scale_log2, softcap, seed, row_offset, dropout_p, D, D_PAD,
+                                     SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
+    # Sequence keys: the window's lower band (masked), the blocks every query sees whole (unmasked), then the
+    # causal diagonal and the tail past the last full block (masked).
     seq_lo, seq_begin, seq_end = _seq_key_range(start_m, Ls, Ss, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    for start_n in range(seq_begin, seq_end, BLOCK_N):
-        cols = start_n + offs_n
-        visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM)[None, :]
-        visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
-        kv_valid = cols < Ss
-        if WINDOW:
-            kv_valid = kv_valid & (cols >= seq_lo)
-        k = _load_block(k_base, cols, stride_ks, offs_d, stride_kd, kv_valid, D)
-        v = _load_block(v_base, cols, stride_vs, offs_d, stride_vd, kv_valid, D)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
-                                   P + first + cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
+    u_lo, u_hi = _unmasked_key_blocks(start_m, Ls, Ss, window, seq_begin, seq_end, BLOCK_M, BLOCK_N, CAUSAL,
+                                      WINDOW)
+    if WINDOW:
+        acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                                      stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, seq_begin, u_lo, seq_lo,
+                                      offs_m, Ls, Ss, window, scale_log2, softcap, seed, row_offset, P + first,
+                                      dropout_p, D, D_PAD, True, CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT,
+                                      DOT_PRECISION, BLOCK_N)
+    acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                                  KPM, stride_kpm_b, stride_kpm_s, b, u_lo, u_hi, seq_lo, offs_m, Ls, Ss, window,
+                                  scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, False,
+                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
+    acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                                  KPM, stride_kpm_b, stride_kpm_s, b, u_hi, seq_end, seq_lo, offs_m, Ls, Ss, window,
+                                  scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, True,
+                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -225,9 +338,12 @@ def prefix_attention_fwd(
         out = out * (1.0 / (1.0 - dropout_p))
     # +inf for rows with no visible key makes exp(s - lse) exactly 0 in the backward (zero gradients).
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_i)) * LN2)
-    tl.store(LSE + pid_bh * L + first + offs_m, lse, mask=row_valid)
-    o_ptrs = o_base + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
+    o_ptrs = o_base + offs_r[:, None] * stride_ol + offs_d[None, :] * stride_od
+    if D == D_PAD:
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -238,24 +354,30 @@ def prefix_attention_bwd_preprocess(
     Hq, L,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_r
     offs_d = tl.arange(0, D_PAD)
     row_valid = offs_m < L
-    o = _load_block(OUT + b * stride_ob + h * stride_oh, offs_m, stride_ol, offs_d, stride_od, row_valid, D)
-    do = _load_block(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, offs_d, stride_dod, row_valid, D)
+    row0 = tl.cast(pid_m * BLOCK_M, tl.int64)
+    o = _load_block(OUT + b * stride_ob + h * stride_oh + row0 * stride_ol, offs_r, stride_ol, offs_d, stride_od,
+                    row_valid, D, D_PAD, True)
+    do = _load_block(DO + b * stride_dob + h * stride_doh + row0 * stride_dol, offs_r, stride_dol, offs_d,
+                     stride_dod, row_valid, D, D_PAD, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * L + offs_m, delta, mask=row_valid)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + offs_m, delta, mask=row_valid)
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset, cols, dropout_p,
-              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    qk, th = _scores(q, k, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
-    p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    x, th, mult = _scores(q, k, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
+    p = tl.math.exp2(x * mult - lse2[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = _dropout_keep(seed, row_offset, cols, dropout_p)
@@ -266,8 +388,70 @@ def _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, 
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
-@autotuned_kernel("bwd_dq")
 @triton.jit
+def _dq_prefix_loop(dq, q, do, lse2, delta, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp, stride_pvd, P,
+                    scale_log2, softcap, seed, row_offset, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
+                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """As `_fwd_prefix_loop`: full prefix blocks unmasked, the last partial one masked."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    p_full = (P // BLOCK_N) * BLOCK_N
+    for start_n in range(0, p_full, BLOCK_N):
+        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
+                        offs_n, D, D_PAD, False)
+        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
+                        offs_n, D, D_PAD, False)
+        dq = _dq_block(dq, q, do, lse2, delta, k, v, offs_n, scale_log2, softcap, seed, row_offset,
+                       start_n + offs_n, dropout_p, False, SOFTCAP, DROPOUT, DOT_PRECISION)
+    for start_n in tl.range(p_full, P, BLOCK_N, num_stages=1):  # at most once: not pipelined
+        col_valid = offs_n < P - start_n
+        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
+                        col_valid, D, D_PAD, True)
+        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
+                        col_valid, D, D_PAD, True)
+        dq = _dq_block(dq, q, do, lse2, delta, k, v, col_valid[None, :], scale_log2, softcap, seed, row_offset,
+                       start_n + offs_n, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                 KPM, stride_kpm_b, stride_kpm_s, b, lo, hi, seq_lo, offs_m, Ls, Ss, window,
+                 scale_log2, softcap, seed, row_offset, col_base, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                 SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """As `_fwd_seq_loop`, for dq."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    # The masked loop runs a few blocks (the diagonal, the tail, the window's band): it is not pipelined, which
+    # keeps its prologue out of the registers and shared memory the unmasked loop's pipeline uses.
+    if MASKED:
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            cols = start_n + offs_n
+            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
+            visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
+            kv_valid = cols < Ss
+            if WINDOW:
+                kv_valid = kv_valid & (cols >= seq_lo)
+            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
+            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+            dq = _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset,
+                           col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, True)[None, :]
+            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, offs_n, D, D_PAD, False)
+            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, offs_n, D, D_PAD, False)
+            dq = _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset,
+                           col_base + cols, dropout_p, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION)
+    return dq
+
+
+@autotuned_kernel("bwd_dq")
+@triton.jit(do_not_specialize=["seed"])
 def prefix_attention_bwd_dq(
     Q, K, V, PK, PV, KPM, PIDX, CU_SEQLENS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -278,14 +462,14 @@ def prefix_attention_bwd_dq(
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     stride_kpm_b, stride_kpm_s,
-    Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET,
+    Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET, P_BUCKET,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MULTI_PREFIX: tl.constexpr, DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # grid (B * Hq, query blocks), as the forward
+    pid_m = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
     hkv = h // GROUP
@@ -300,66 +484,66 @@ def prefix_attention_bwd_dq(
         Ss = Ls
         row_sel = seq
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, D_PAD)
     row_valid = offs_m < Ls
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
-    if PACKED:
-        q_base += first.to(tl.int64) * stride_ql
-        do_base += first.to(tl.int64) * stride_dol
-        dq_base += first.to(tl.int64) * stride_dql
-        k_base += first.to(tl.int64) * stride_ks
-        v_base += first.to(tl.int64) * stride_vs
-    q = _load_block(q_base, offs_m, stride_ql, offs_d, stride_qd, row_valid, D)
-    do = _load_block(do_base, offs_m, stride_dol, offs_d, stride_dod, row_valid, D)
-    lse2 = tl.load(LSE + pid_bh * L + first + offs_m, mask=row_valid, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + pid_bh * L + first + offs_m, mask=row_valid, other=0.0)
+    row0 = tl.cast(first + start_m, tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_ql
+    do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dol
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dql
+    k_base = K + b * stride_kb + hkv * stride_kh + tl.cast(first, tl.int64) * stride_ks
+    v_base = V + b * stride_vb + hkv * stride_vh + tl.cast(first, tl.int64) * stride_vs
+    q = _load_block(q_base, offs_r, stride_ql, offs_d, stride_qd, row_valid, D, D_PAD, True)
+    do = _load_block(do_base, offs_r, stride_dol, offs_d, stride_dod, row_valid, D, D_PAD, True)
+    lse_row = pid_bh.to(tl.int64) * L + first
+    lse2 = tl.load(LSE + lse_row + offs_m, mask=row_valid, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + lse_row + offs_m, mask=row_valid, other=0.0)
     t = 0
     if MULTI_PREFIX:
         t = tl.load(PIDX + row_sel)
     pk_base = PK + t * stride_pkt + hkv * stride_pkh
     pv_base = PV + t * stride_pvt + hkv * stride_pvh
-    row_offset = (pid_bh.to(tl.int64) * L + first + offs_m) * (P + S)
+    row_offset = (lse_row + offs_m) * (P + S)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    for start_n in range(0, P, BLOCK_N):
-        cols = start_n + offs_n
-        col_valid = cols < P
-        k = _load_block(pk_base, cols, stride_pkp, offs_d, stride_pkd, col_valid, D)
-        v = _load_block(pv_base, cols, stride_pvp, offs_d, stride_pvd, col_valid, D)
-        dq = _dq_block(dq, q, do, lse2, delta, k, v, col_valid[None, :], scale_log2, softcap, seed, row_offset,
-                       cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
+    dq = _dq_prefix_loop(dq, q, do, lse2, delta, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                         P, scale_log2, softcap, seed, row_offset, dropout_p, D, D_PAD, SOFTCAP, DROPOUT,
+                         DOT_PRECISION, BLOCK_N)
 
+    # As the forward: window band (masked), whole blocks (unmasked), diagonal and tail (masked).
     seq_lo, seq_begin, seq_end = _seq_key_range(start_m, Ls, Ss, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    for start_n in range(seq_begin, seq_end, BLOCK_N):
-        cols = start_n + offs_n
-        visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM)[None, :]
-        visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
-        kv_valid = cols < Ss
-        if WINDOW:
-            kv_valid = kv_valid & (cols >= seq_lo)
-        k = _load_block(k_base, cols, stride_ks, offs_d, stride_kd, kv_valid, D)
-        v = _load_block(v_base, cols, stride_vs, offs_d, stride_vd, kv_valid, D)
-        dq = _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset,
-                       P + first + cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
+    u_lo, u_hi = _unmasked_key_blocks(start_m, Ls, Ss, window, seq_begin, seq_end, BLOCK_M, BLOCK_N, CAUSAL,
+                                      WINDOW)
+    if WINDOW:
+        dq = _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                          KPM, stride_kpm_b, stride_kpm_s, b, seq_begin, u_lo, seq_lo, offs_m, Ls, Ss, window,
+                          scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, True, CAUSAL,
+                          WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
+    dq = _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                      KPM, stride_kpm_b, stride_kpm_s, b, u_lo, u_hi, seq_lo, offs_m, Ls, Ss, window,
+                      scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, False, CAUSAL,
+                      WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
+    dq = _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                      KPM, stride_kpm_b, stride_kpm_s, b, u_hi, seq_end, seq_lo, offs_m, Ls, Ss, window,
+                      scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, True, CAUSAL,
+                      WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     dq = dq * (scale_log2 * LN2)
-    dq_ptrs = dq_base + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
+    dq_ptrs = dq_base + offs_r[:, None] * stride_dql + offs_d[None, :] * stride_dqd
+    if D == D_PAD:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, softcap, seed, row_offset, cols,
                 dropout_p, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Transposed tiles ([keys, queries]) so that dk and dv accumulate without transposing them back.
-    qk_t, th_t = _scores(k, q, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
-    p_t = tl.where(visible_t, tl.math.exp2(qk_t - lse2[None, :]), 0.0)
+    x_t, th_t, mult = _scores(k, q, scale_log2, softcap, SOFTCAP, DOT_PRECISION)
+    p_t = tl.where(visible_t, tl.math.exp2(x_t * mult - lse2[None, :]), 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep_t = tl.trans(_dropout_keep(seed, row_offset, cols, dropout_p))
@@ -376,7 +560,7 @@ def _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, softcap
 
 
 @autotuned_kernel("bwd_dkdv")
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def prefix_attention_bwd_dkdv(
     Q, K, V, KPM, CU_SEQLENS, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -386,7 +570,7 @@ def prefix_attention_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_kpm_b, stride_kpm_s,
-    Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET,
+    Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET, P_BUCKET,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
@@ -394,8 +578,8 @@ def prefix_attention_bwd_dkdv(
 ):
     """Gradients of the sequence keys/values: one program owns one key block of one (row, KV head), or of one
     packed sequence (whose queries are the only ones that see it)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # grid (B * Hkv, key blocks)
+    pid_n = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hkv = pid_bh % Hkv
     first = 0  # as in the forward
@@ -407,25 +591,22 @@ def prefix_attention_bwd_dkdv(
             return
         Ss = Ls
     start_n = pid_n * BLOCK_N
-    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_N)  # keys within the block
+    cols = start_n + offs_c
     offs_d = tl.arange(0, D_PAD)
-    k_base = K + b * stride_kb + hkv * stride_kh
-    v_base = V + b * stride_vb + hkv * stride_vh
-    dk_base = DK + b * stride_dkb + hkv * stride_dkh
-    dv_base = DV + b * stride_dvb + hkv * stride_dvh
-    if PACKED:
-        k_base += first.to(tl.int64) * stride_ks
-        v_base += first.to(tl.int64) * stride_vs
-        dk_base += first.to(tl.int64) * stride_dks
-        dv_base += first.to(tl.int64) * stride_dvs
-    col_valid = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM)
+    col0 = tl.cast(first + start_n, tl.int64)
+    k_base = K + b * stride_kb + hkv * stride_kh + col0 * stride_ks
+    v_base = V + b * stride_vb + hkv * stride_vh + col0 * stride_vs
+    dk_base = DK + b * stride_dkb + hkv * stride_dkh + col0 * stride_dks
+    dv_base = DV + b * stride_dvb + hkv * stride_dvh + col0 * stride_dvs
+    col_valid = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)
     kv_valid = cols < Ss
     if WINDOW:
         # Keys before S - L - window + 1 are in no query's window: never loaded, zero gradients.
         kv_valid = kv_valid & (cols > Ss - Ls - window)
         col_valid = col_valid & kv_valid
-    k = _load_block(k_base, cols, stride_ks, offs_d, stride_kd, kv_valid, D)
-    v = _load_block(v_base, cols, stride_vs, offs_d, stride_vd, kv_valid, D)
+    k = _load_block(k_base, offs_c, stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
+    v = _load_block(v_base, offs_c, stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
@@ -445,39 +626,39 @@ def prefix_attention_bwd_dkdv(
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        if PACKED:
-            q_base += first.to(tl.int64) * stride_ql
-            do_base += first.to(tl.int64) * stride_dol
+        lse_row = bh * L + first  # int64 (b is)
+        offs_r = tl.arange(0, BLOCK_M)
         for start_m in range(first_m, end_m, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m = start_m + offs_r
             row_valid = offs_m < Ls
-            q = _load_block(q_base, offs_m, stride_ql, offs_d, stride_qd, row_valid, D)
-            do = _load_block(do_base, offs_m, stride_dol, offs_d, stride_dod, row_valid, D)
-            lse2 = tl.load(LSE + bh * L + first + offs_m, mask=row_valid, other=float("inf")) * LOG2E
-            delta = tl.load(DELTA + bh * L + first + offs_m, mask=row_valid, other=0.0)
+            rows = (first + offs_m).to(tl.int64)
+            q = _load_block(q_base, rows, stride_ql, offs_d, stride_qd, row_valid, D, D_PAD, True)
+            do = _load_block(do_base, rows, stride_dol, offs_d, stride_dod, row_valid, D, D_PAD, True)
+            lse2 = tl.load(LSE + lse_row + offs_m, mask=row_valid, other=float("inf")) * LOG2E
+            delta = tl.load(DELTA + lse_row + offs_m, mask=row_valid, other=0.0)
             visible_t = col_valid[:, None] & row_valid[None, :]
             visible_t = _in_view(visible_t, offs_m[None, :], cols[:, None], Ss - Ls, window, CAUSAL, WINDOW)
-            row_offset = (bh.to(tl.int64) * L + first + offs_m) * (P + S)
+            row_offset = (lse_row + offs_m) * (P + S)
             dk, dv = _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, softcap, seed,
                                  row_offset, P + first + cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
 
     dk = dk * (scale_log2 * LN2)
     d_mask = (cols[:, None] < Ss) & (offs_d[None, :] < D)
-    tl.store(dk_base + cols[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+    tl.store(dk_base + offs_c[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
              mask=d_mask)
-    tl.store(dv_base + cols[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+    tl.store(dv_base + offs_c[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
              mask=d_mask)
 
 
 @autotuned_kernel("bwd_dprefix")
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def prefix_attention_bwd_dprefix(
     Q, PK, PV, PIDX, DO, LSE, DELTA, DPK, DPV,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_pkt, stride_pkh, stride_pkp, stride_pkd,
     stride_pvt, stride_pvh, stride_pvp, stride_pvd,
     stride_dob, stride_doh, stride_dol, stride_dod,
-    B, Hq, Hkv, L, S, P, T, n_splits, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET,
+    B, Hq, Hkv, L, S, P, T, n_splits, softcap, scale_log2, dropout_p, seed, L_BUCKET, S_BUCKET, P_BUCKET,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     MULTI_PREFIX: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
     SOFTCAP: tl.constexpr, PACKED: tl.constexpr,
@@ -503,8 +684,12 @@ def prefix_attention_bwd_dprefix(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     col_valid = cols < P
-    k = _load_block(PK + t * stride_pkt + hkv * stride_pkh, cols, stride_pkp, offs_d, stride_pkd, col_valid, D)
-    v = _load_block(PV + t * stride_pvt + hkv * stride_pvh, cols, stride_pvp, offs_d, stride_pvd, col_valid, D)
+    offs_c = tl.arange(0, BLOCK_N)
+    col0 = tl.cast(start_n, tl.int64)
+    k = _load_block(PK + t * stride_pkt + hkv * stride_pkh + col0 * stride_pkp, offs_c, stride_pkp, offs_d,
+                    stride_pkd, col_valid, D, D_PAD, True)
+    v = _load_block(PV + t * stride_pvt + hkv * stride_pvh + col0 * stride_pvp, offs_c, stride_pvp, offs_d,
+                    stride_pvd, col_valid, D, D_PAD, True)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
@@ -527,14 +712,17 @@ def prefix_attention_bwd_dprefix(
         if uses_prefix:
             h = hkv * GROUP + g
             bh = b * Hq + h
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_r = tl.arange(0, BLOCK_M)
+            offs_m = start_m + offs_r
             row_valid = offs_m < L
             if MULTI_PREFIX:
                 if PACKED:
                     row_valid = row_valid & reads_t
-            q = _load_block(Q + b * stride_qb + h * stride_qh, offs_m, stride_ql, offs_d, stride_qd, row_valid, D)
-            do = _load_block(DO + b * stride_dob + h * stride_doh, offs_m, stride_dol, offs_d, stride_dod,
-                             row_valid, D)
+            q_rows = offs_m.to(tl.int64)
+            q = _load_block(Q + b * stride_qb + h * stride_qh, q_rows, stride_ql, offs_d, stride_qd, row_valid, D,
+                            D_PAD, True)
+            do = _load_block(DO + b * stride_dob + h * stride_doh, q_rows, stride_dol, offs_d, stride_dod, row_valid,
+                             D, D_PAD, True)
             lse2 = tl.load(LSE + bh * L + offs_m, mask=row_valid, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + bh * L + offs_m, mask=row_valid, other=0.0)
             row_offset = (bh.to(tl.int64) * L + offs_m) * (P + S)
@@ -544,9 +732,9 @@ def prefix_attention_bwd_dprefix(
 
     dk = dk * (scale_log2 * LN2)
     # DPK/DPV are contiguous fp32 buffers [n_splits or 1, T, Hkv, P, D].
-    slot = (t * Hkv + hkv) * P
+    slot = tl.cast(t * Hkv + hkv, tl.int64) * P  # int64: the buffers may pass 2**31 elements
     if not ATOMIC:
-        slot += split * (T * Hkv * P)
+        slot += tl.cast(split, tl.int64) * (T * Hkv * P)
     offs = (slot + cols[:, None]) * D + offs_d[None, :]
     d_mask = col_valid[:, None] & (offs_d[None, :] < D)
     if ATOMIC:
@@ -557,12 +745,12 @@ def prefix_attention_bwd_dprefix(
         tl.store(DPV + offs, dv, mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def prefix_attention_dropout_mask(KEEP, L, P, S, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep mask [B, Hq, L, P + S] the attention kernels draw for `seed` (for tests)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_bh = tl.program_id(0)  # grid (B * Hq, query blocks, key blocks)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_offset = (pid_bh.to(tl.int64) * L + offs_m) * (P + S)

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..library import op_names
-from . import interpreting
+from . import configs, interpreting
 from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, plain_tile
 from .kernels import (
     prefix_attention_bwd_dkdv,
@@ -47,18 +47,57 @@ def _mask_args(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor):
     return key_padding_mask.view(torch.uint8), _strides(key_padding_mask), True
 
 
+def _torch_allows_tf32() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32: `torch.backends.cuda.matmul.fp32_precision` (torch >= 2.9;
+    "none" inherits the global setting, as torch does) or, when that says nothing, the legacy `allow_tf32`
+    (= `torch.get_float32_matmul_precision() != "highest"`)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", None)
+    except RuntimeError:
+        precision = None
+    if precision == "tf32":
+        return True
+    if precision == "ieee":
+        return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read a flag set through a mix of the legacy and the new API
+        return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' `tl.dot` input precision. fp16/bf16 dots ignore it ("tf32", the default). fp32 inputs
+    follow PyTorch's TF32 setting ("tf32" when it allows TF32 matmuls, else "ieee": exact fp32 products, the
+    slow path, see docs/kernels.md); the interpreter always computes "ieee"."""
+    if dtype != torch.float32:
+        return "tf32"
+    if interpreting():
+        return "ieee"
+    return "tf32" if _torch_allows_tf32() else "ieee"
+
+
 def _common_constexprs(q: torch.Tensor, Hkv: int, causal: bool, dropout_p: float) -> dict:
     D = q.shape[-1]
     return dict(GROUP=q.shape[1] // Hkv, D=D, D_PAD=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
-                DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype))
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
+    # Under the interpreter with the shipped tiles on (configs.shipped_tiles), an autotuned kernel runs with
+    # the first shipped tile of its table instead of the interpreter's small one.
+    tile = configs.interpreter_shipped_tile(kernel, kwargs)
+    if tile is not None:
+        block_m, block_n, num_warps, num_stages = tile
+        kernel.fn[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                        num_stages=num_stages)
+        return
     kernel[grid](*args, **kwargs)
 
 
-def _buckets(L: int, S: int) -> tuple[int, int]:
-    return triton.next_power_of_2(L), triton.next_power_of_2(max(S, 1))
+def _buckets(L: int, S: int, P: int) -> tuple[int, int, int]:
+    """(L_BUCKET, S_BUCKET, P_BUCKET): the autotuner's size keys, powers of two."""
+    return triton.next_power_of_2(max(L, 1)), triton.next_power_of_2(max(S, 1)), triton.next_power_of_2(max(P, 1))
 
 
 def _feature_args(q: torch.Tensor, S: int, cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
@@ -76,8 +115,10 @@ def _feature_args(q: torch.Tensor, S: int, cu_seqlens: Optional[torch.Tensor], s
 
 
 def _grid(n: int, block: int, rows: int, flags: dict, n_seqs: int) -> tuple[int, int]:
-    # Packed: programs L // block + n (kernels.py, `_packed_sequence`) cover every sequence's blocks.
-    return (n // block + n_seqs if flags["PACKED"] else triton.cdiv(n, block), rows)
+    """(rows, blocks): the B * H rows on axis 0 (up to 2**31 - 1 programs; axes 1 and 2 stop at 65535), the
+    blocks of n on axis 1. Packed: L // block + n programs (kernels.py, `_packed_sequence`) cover every
+    sequence's blocks."""
+    return (rows, n // block + n_seqs if flags["PACKED"] else triton.cdiv(n, block))
 
 
 def triton_fwd(
@@ -104,7 +145,7 @@ def triton_fwd(
         q, k, v, prefix_k, prefix_v, kpm, pidx, cu, sink_logits, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(out), *kpm_strides,
-        Hq, L, S, P, n_seqs, window, softcap, scale * LOG2E, dropout_p, seed, *_buckets(L, S),
+        Hq, L, S, P, n_seqs, window, softcap, scale * LOG2E, dropout_p, seed, *_buckets(L, S, P),
         HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, **flags, **consts,
     )
     return out, lse
@@ -138,7 +179,7 @@ def triton_bwd(
     pidx = q if prefix_index is None else prefix_index
     consts = _common_constexprs(q, Hkv, causal, dropout_p)
     scale_log2 = scale * LOG2E
-    buckets = _buckets(L, S)
+    buckets = _buckets(L, S, P)
     # The sinks reach the backward through lse only (docs/op.md): the kernels below take no SINKS.
     (cu, _, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, None, window, softcap)
     flags.pop("SINKS")
@@ -146,7 +187,7 @@ def triton_bwd(
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block, _, pre_warps, pre_stages = plain_tile(PREPROCESS_TILE)
     _launch(
-        prefix_attention_bwd_preprocess, (triton.cdiv(L, pre_block), B * Hq),
+        prefix_attention_bwd_preprocess, (B * Hq, triton.cdiv(L, pre_block)),
         out, grad_out, delta, *_strides(out), *_strides(grad_out), Hq, L,
         D=D, D_PAD=consts["D_PAD"], BLOCK_M=pre_block, num_warps=pre_warps, num_stages=pre_stages,
     )
@@ -223,7 +264,7 @@ def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: floa
     """Bool [B, Hq, L, P + S], True where the triton kernels keep a probability for this seed."""
     keep = torch.empty((B, Hq, L, P + S), dtype=torch.int8, device=device)
     block_m, block_n, warps, stages = plain_tile(DROPOUT_MASK_TILE)
-    grid = (triton.cdiv(L, block_m), triton.cdiv(P + S, block_n), B * Hq)
+    grid = (B * Hq, triton.cdiv(L, block_m), triton.cdiv(P + S, block_n))
     prefix_attention_dropout_mask[grid](keep, L, P, S, dropout_p, seed, BLOCK_M=block_m, BLOCK_N=block_n,
                                    num_warps=warps, num_stages=stages)
     return keep.bool()
