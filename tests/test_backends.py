@@ -183,6 +183,20 @@ def test_triton_dropout_mask_is_dropout_keep_mask():
         assert torch.equal(got, dropout_keep_mask(2, 3, 19, 5, 21, 0.3, seed, TRITON_DEVICE)), seed
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 3, 19, 5, 21), (2048, 33, 1, 2, 3)], ids=["odd", "rows-past-65535"])
+def test_triton_dropout_mask_on_cuda(shape):
+    """The same on a GPU, also with more than 65535 (row, head) pairs: the mask kernel puts them on grid axis 0."""
+    reason = unavailable_reason("triton", "cuda")
+    assert reason is None, reason
+    from prefix_kernels.ops.triton.launch import triton_dropout_mask
+
+    B, Hq, L, P, S = shape
+    for seed in (0, 2**40 + 12345):
+        got = triton_dropout_mask(B, Hq, L, P, S, 0.3, seed, "cuda")
+        assert torch.equal(got, dropout_keep_mask(B, Hq, L, P, S, 0.3, seed, "cuda")), seed
+
+
 # ---- determinism -------------------------------------------------------------------------------------------
 
 
