@@ -151,7 +151,9 @@ def test_linear_probe_reads_the_encoder_without_the_prefix(tmp_path, tiny_model_
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = demo.build_model(tiny_model_dir, prompt_length=4, backend="reference", device="cpu")
     d = demo.Data(data, tr, va, te, len(tr))
+    state = torch.get_rng_state()
     probe = demo.linear_probe(model, tok, d, max_length=16, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the training after it draws what it would without it
     assert 0.0 <= probe["test_accuracy"] <= 1.0 and probe["l2"] in demo.PROBE_L2
     # the features are the base model's (no prefix): the same as a plain AutoModel's mean pooling
     feats, labels = demo.pooled_features(model, te, tok, max_length=16, device="cpu")

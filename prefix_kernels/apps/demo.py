@@ -12,9 +12,12 @@ Model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the `model/` folde
 
 What it does: frozen backbone, a P-Tuning v2 prefix (no reparameterization, prefix dropout 0.1) in every
 layer and a linear head on the mean-pooled output (the pooling all-MiniLM-L6-v2 was trained with; `--pooling`
-picks [CLS] or BERT's pooler instead); test accuracy before and after training, trainable parameters,
-throughput, peak memory of a training step against the same steps on the `reference` backend (expand + cat),
-the adapter saved, a PNG of the loss and accuracy curves. Uses a GPU when there is one.
+picks [CLS] or BERT's pooler instead), trained on the whole training split with the learning rate the
+comparison found best (benchmarks/compare_methods.py; docs/methods.md, "What the knobs do"); first the
+linear probe it has to beat (logistic regression on the frozen encoder's features, no prefix); test accuracy
+before and after training, trainable parameters, throughput, peak memory of a training step against the same
+steps on the `reference` backend (expand + cat), the adapter saved, a PNG of the loss and accuracy curves.
+`--recipe` trains longer with the best settings measured. Uses a GPU when there is one.
 """
 
 from __future__ import annotations
@@ -167,24 +170,32 @@ def linear_probe(model, tokenizer, data: Data, *, max_length: int, device, seed:
     mean, std = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)
     x_tr, x_va, x_te = ((x - mean) / std for x in (x_tr, x_va, x_te))
     best = None
-    for l2 in PROBE_L2:
-        torch.manual_seed(seed)
-        head = torch.nn.Linear(x_tr.shape[1], len(LABELS)).to(device)
-        opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure(head=head, opt=opt, l2=l2):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(head(x_tr), y_tr) + l2 * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            val = float((head(x_va).argmax(-1) == y_va).float().mean()) if len(y_va) else 0.0
-            test = float((head(x_te).argmax(-1) == y_te).float().mean()) if len(y_te) else 0.0
-        if best is None or val > best["val_accuracy"]:
-            best = {"test_accuracy": test, "val_accuracy": val, "l2": l2}
+    # Its own random stream: the probe leaves the training that follows it as it would be without it.
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        for l2 in PROBE_L2:
+            best = _fit_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, l2, seed, device, best)
     best["seconds"] = time.perf_counter() - t0
+    return best
+
+
+def _fit_probe(x_tr, y_tr, x_va, y_va, x_te, y_te, l2: float, seed: int, device, best: dict | None) -> dict:
+    """One L2 weight of `linear_probe`: the better of `best` and this fit, by validation accuracy."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x_tr.shape[1], len(LABELS)).to(device)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x_tr), y_tr) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        val = float((head(x_va).argmax(-1) == y_va).float().mean()) if len(y_va) else 0.0
+        test = float((head(x_te).argmax(-1) == y_te).float().mean()) if len(y_te) else 0.0
+    if best is None or val > best["val_accuracy"]:
+        best = {"test_accuracy": test, "val_accuracy": val, "l2": l2}
     return best
 
 
@@ -229,8 +240,10 @@ def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) ->
 
 # ---------------------------------------------------------------------------------------------- options
 # The settings that differ between the demo and --recipe; None = the demo's (the head's lr: --lr).
-DEFAULTS = dict(prompt_length=16, reparam=False, epochs=1.0, train_size=3000, lr=1e-2, head_lr=None, pooling="mean")
-RECIPE = dict(prompt_length=16, reparam=False, epochs=2.0, train_size=0, lr=1e-2, head_lr=None, pooling="mean")
+# The demo: what fits in about 8 minutes on 2 CPU cores (3 epochs over the whole training split at lr 3e-2: 0.801
+# test accuracy in compare_methods, seed 0); --recipe: the best the comparison measured (4 epochs: 0.805).
+DEFAULTS = dict(prompt_length=16, reparam=False, epochs=3.0, train_size=0, lr=3e-2, head_lr=None, pooling="mean")
+RECIPE = dict(prompt_length=16, reparam=False, epochs=4.0, train_size=0, lr=3e-2, head_lr=None, pooling="mean")
 
 
 def parse_args(argv=None):
