@@ -589,8 +589,14 @@ def write_sweep_report(rows: list[dict], args, out: str, timing: list[dict] = ()
         if points:
             families.append((name, key, points))
     base = method_settings(SWEEP_METHOD, args)
-    if not any(s != base for _, _, points in families for _, s, _ in points):  # the comparison's row alone
-        return None, None
+    # Runs of the same model outside the one-factor families (combinations tried from the sweep's findings,
+    # the recipe): listed, and candidates for the best.
+    in_families = {run_key(SWEEP_METHOD, s) for _, _, points in families for _, s, _ in points}
+    others = [(json.loads(key[1]), a) for key, a in agg.items()
+              if key[0] == SWEEP_METHOD and key not in in_families and a["n"]
+              and all(json.loads(key[1]).get(k) == v for k, v in data_settings(args).items() if k != "epochs")]
+    if not others and not any(s != base for _, _, points in families for _, s, _ in points):
+        return None, None  # the comparison's row alone
     os.makedirs(out, exist_ok=True)
     lines = _header(args, "P-Tuning v2 sweep (issue 15)", rows)
     lines.append(f"Base: {_short(SWEEP_METHOD, base)}, {base['epochs']} epochs, prefix dropout "
@@ -606,6 +612,15 @@ def write_sweep_report(rows: list[dict], args, out: str, timing: list[dict] = ()
         for _, s, a in points:
             if best is None or a["val"] > best[1]["val"]:
                 best = (s, a)
+    if others:
+        lines.append("## Other settings (combinations of the factors above)\n")
+        lines.append(markdown_table(
+            ["settings", "epochs", "test accuracy", "best val acc", "train acc", "trainable params"],
+            [[_short(SWEEP_METHOD, o), o["epochs"], _acc_text(a), _num(a["val"], ".4f"), _num(a["fit"], ".4f"),
+              _num(a["trainable"], ",.0f")] for o, a in sorted(others, key=lambda x: -x[1]["val"])]))
+        for o, a in others:
+            if best is None or a["val"] > best[1]["val"]:
+                best = (o, a)
     s, a = best
     lines.append(f"Best by validation accuracy: {_short(SWEEP_METHOD, s)}, {s['epochs']} epochs: test "
                  f"{_acc_text(a)}, validation {a['val']:.4f}.")
@@ -692,6 +707,7 @@ def parse_args(argv=None):
                         "machine: the accuracy runs may share theirs)")
     p.add_argument("--resume", action="store_true", help="skip (method, seed, settings) already in the CSV")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--report", action="store_true", help="rewrite the reports from the CSV rows, train nothing")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--no-record", action="store_true",
                    help="append nothing to the CSV; reports are written only with an explicit --out")
@@ -747,15 +763,19 @@ def main(argv=None) -> list[dict]:
             or (r.get("error") and r["method"] == "peft-prefix-tuning")}
     todo = [(m, s, seed) for seed in args.seeds for m, s in runs
             if not (args.resume and (*run_key(m, s), str(seed)) in done)]
+    if args.report:
+        todo = []
     if args.list:
         for m, s, seed in todo:
             print(f"{m} seed {seed}: {settings_key(s)}")
         print(f"{len(todo)} runs ({len(runs) * len(args.seeds) - len(todo)} already in {csv_path})")
         return []
-    ctx = context(args)
-    print(f"data: train {len(ctx.train)} of {ctx.train_available}, validation {len(ctx.val)}, test {len(ctx.test)}; "
-          f"{ctx.device}, backend {ctx.backend}; {len(todo)} runs -> {csv_path if not args.no_record else 'no CSV'}")
-    meta = {"machine": machine_description(str(ctx.device)), "versions": versions(), "commit": git_commit()}
+    ctx = context(args) if todo else None
+    if ctx is not None:
+        print(f"data: train {len(ctx.train)} of {ctx.train_available}, validation {len(ctx.val)}, test "
+              f"{len(ctx.test)}; {ctx.device}, backend {ctx.backend}; {len(todo)} runs -> "
+              f"{csv_path if not args.no_record else 'no CSV'}")
+        meta = {"machine": machine_description(str(ctx.device)), "versions": versions(), "commit": git_commit()}
     rows = []
     for i, (m, s, seed) in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {m} seed {seed}: {_short(m, s)}", flush=True)

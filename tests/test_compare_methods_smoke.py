@@ -191,3 +191,20 @@ def test_a_reparam_run_counts_for_the_sweep_point_with_its_settings(tmp_path, ca
         {"method": "ptuning-v2-reparam", "seed": 0, "settings": compare_methods.settings_key(s), "test_acc": 0.8}])
     compare_methods.main(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
     assert "28 runs (1 already in" in capsys.readouterr().out
+
+
+def test_report_mode_rewrites_the_reports_and_trains_nothing(tmp_path):
+    args = compare_methods.parse_args(["--out", str(tmp_path)])
+    rows = [{"method": m, "seed": 0, "settings": compare_methods.settings_key(compare_methods.method_settings(m, args)),
+             "test_acc": 0.7, "best_val_acc": 0.7, "trainable_params": 770, "encoder_params": 22_713_216, "error": ""}
+            for m in ("linear-probe", "full-finetune")]
+    combo = compare_methods.method_settings("ptuning-v2", args, {"lr": 3e-2, "epochs": 4})
+    rows.append({"method": "ptuning-v2", "seed": 0, "settings": compare_methods.settings_key(combo), "test_acc": 0.805,
+                 "best_val_acc": 0.82, "trainable_params": 74_498, "encoder_params": 22_713_216, "error": ""})
+    compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), rows)
+    assert compare_methods.main(["--report", "--out", str(tmp_path)]) == []
+    text = (tmp_path / compare_methods.MD_NAME).read_text()
+    assert "| linear-probe |" in text and "| full-finetune |" in text
+    sweep = (tmp_path / compare_methods.SWEEP_MD_NAME).read_text()
+    assert "## Other settings" in sweep and "| lr 0.03, P 16, mean pooling | 4 | 0.8050 (1 seed)" in sweep
+    assert "Best by validation accuracy: lr 0.03, P 16, mean pooling, 4 epochs" in sweep
