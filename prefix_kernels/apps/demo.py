@@ -239,10 +239,10 @@ def measure_steps(models: dict, batch_iter, *, steps: int, device, lr: float) ->
 
 
 # ---------------------------------------------------------------------------------------------- options
-# The settings that differ between the demo and --recipe; None = the demo's (the head's lr: --lr).
-# The demo: what fits in about 7 minutes on 2 CPU cores (3 epochs over the whole training split at lr 3e-2: 0.801
-# test accuracy, seed 0, benchmarks/results/demo_cpu.txt); --recipe: the longest of the settings whose validation
-# accuracy tops the comparison's (docs/methods.md: P 64, 4 epochs; 0.810 test).
+# The settings --recipe changes (head_lr None: the head trains at --lr). The demo: what fits in about 7 minutes
+# on 2 CPU cores (3 epochs over the whole training split at lr 3e-2: 0.801 test accuracy, seed 0,
+# benchmarks/results/demo_cpu.txt); --recipe: the longest of the settings whose validation accuracy tops the
+# comparison's (docs/methods.md: P 64, 4 epochs; 0.810 test).
 DEFAULTS = dict(prompt_length=16, reparam=False, epochs=3.0, train_size=0, lr=3e-2, head_lr=None, pooling="mean")
 RECIPE = dict(prompt_length=64, reparam=False, epochs=4.0, train_size=0, lr=3e-2, head_lr=None, pooling="mean")
 
