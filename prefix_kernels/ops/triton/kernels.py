@@ -207,6 +207,22 @@ def _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd,
 
 
 @triton.jit
+def _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM, stride_kpm_b, stride_kpm_s, b,
+                      cols, offs_d, seq_lo, offs_m, Ls, Ss, window, D: tl.constexpr, D_PAD: tl.constexpr,
+                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(k, v, visible) of the sequence key block `cols` in a masked loop of the forward or dq: the key padding,
+    causal and window rules decide what each query sees, and no key outside S and past seq_lo is loaded."""
+    visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
+    visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
+    kv_valid = cols < Ss
+    if WINDOW:
+        kv_valid = kv_valid & (cols >= seq_lo)
+    k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
+    v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+    return k, v, visible
+
+
+@triton.jit
 def _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                   KPM, stride_kpm_b, stride_kpm_s, b, lo, hi, seq_lo, offs_m, Ls, Ss, window,
                   scale_log2, softcap, seed, row_offset, col_base, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -223,13 +239,9 @@ def _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride
     if MASKED:
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             cols = start_n + offs_n
-            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
-            visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
-            kv_valid = cols < Ss
-            if WINDOW:
-                kv_valid = kv_valid & (cols >= seq_lo)
-            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
-            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+            k, v, visible = _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM,
+                                              stride_kpm_b, stride_kpm_s, b, cols, offs_d, seq_lo, offs_m, Ls, Ss,
+                                              window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
                                        col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
     else:
@@ -425,18 +437,12 @@ def _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, s
     """As `_fwd_seq_loop`, for dq."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    # The masked loop runs a few blocks (the diagonal, the tail, the window's band): it is not pipelined, which
-    # keeps its prologue out of the registers and shared memory the unmasked loop's pipeline uses.
     if MASKED:
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             cols = start_n + offs_n
-            visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
-            visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
-            kv_valid = cols < Ss
-            if WINDOW:
-                kv_valid = kv_valid & (cols >= seq_lo)
-            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
-            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+            k, v, visible = _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM,
+                                              stride_kpm_b, stride_kpm_s, b, cols, offs_d, seq_lo, offs_m, Ls, Ss,
+                                              window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM)
             dq = _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset,
                            col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
     else:
