@@ -107,42 +107,41 @@ def _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_o
 
 
 @triton.jit
-def _causal_seq_end(start_m, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    # One past the last sequence key any query of this block may see (bottom-right aligned causal mask).
+def _causal_seq_end(stop, L, S, CAUSAL: tl.constexpr):
+    # One past the last sequence key the queries before `stop` may see (bottom-right aligned causal mask).
     if CAUSAL:
-        return tl.minimum(S, tl.maximum(start_m + BLOCK_M + S - L, 0))
+        return tl.minimum(S, tl.maximum(stop + S - L, 0))
     return S
 
 
 @triton.jit
-def _seq_key_range(start_m, L, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   WINDOW: tl.constexpr):
-    """(first key any query of this block sees, the key block it lies in, one past the last key).
+def _seq_key_range(first, stop, L, S, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(first key any of the queries [first, stop) sees, the key block it lies in, one past the last key).
 
     The queries of a block see a contiguous range of keys: the window's lower bound follows the block's first
     query, the causal bound its last one. Key blocks outside the range are never visited, and keys of the
     first block below the range are never loaded."""
     lo = 0
     if WINDOW:
-        lo = tl.maximum(start_m + (S - L) - window + 1, 0)
-    return lo, (lo // BLOCK_N) * BLOCK_N, _causal_seq_end(start_m, L, S, BLOCK_M, CAUSAL)
+        lo = tl.maximum(first + (S - L) - window + 1, 0)
+    return lo, (lo // BLOCK_N) * BLOCK_N, _causal_seq_end(stop, L, S, CAUSAL)
 
 
 @triton.jit
-def _unmasked_key_blocks(start_m, L, S, window, seq_begin, seq_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _unmasked_key_blocks(first, stop, L, S, window, seq_begin, seq_end, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """[u_lo, u_hi): the key blocks inside [seq_begin, seq_end) that every query of the block sees whole (no
-    causal or window bound cuts them, and they lie inside S), as multiples of BLOCK_N. The blocks of
+    """[u_lo, u_hi): the key blocks inside [seq_begin, seq_end) that every query of [first, stop) sees whole
+    (no causal or window bound cuts them, and they lie inside S), as multiples of BLOCK_N. The blocks of
     [seq_begin, u_lo) (the window's lower band) and [u_hi, seq_end) (the causal diagonal and the tail) are the
     masked ones. Bounds are clamped at 0 before dividing (Triton's integer division truncates)."""
     full_lo = seq_begin * 0
     full_hi = S
     if CAUSAL:
-        # Query start_m, the block's first, sees keys <= start_m + S - L.
-        full_hi = tl.minimum(S, tl.maximum(start_m + (S - L) + 1, 0))
+        # The first query sees keys <= first + S - L.
+        full_hi = tl.minimum(S, tl.maximum(first + (S - L) + 1, 0))
     if WINDOW:
-        # Its last query, start_m + BLOCK_M - 1, sees keys > start_m + BLOCK_M - 1 + S - L - window.
-        full_lo = tl.maximum(start_m + BLOCK_M + (S - L) - window, 0)
+        # The last one, stop - 1, sees keys > stop - 1 + S - L - window.
+        full_lo = tl.maximum(stop + (S - L) - window, 0)
     u_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, seq_begin), seq_end)
     u_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, seq_end), u_lo)
     return u_lo, u_hi
@@ -326,9 +325,10 @@ def prefix_attention_fwd(
 
     # Sequence keys: the window's lower band (masked), the blocks every query sees whole (unmasked), then the
     # causal diagonal and the tail past the last full block (masked).
-    seq_lo, seq_begin, seq_end = _seq_key_range(start_m, Ls, Ss, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    u_lo, u_hi = _unmasked_key_blocks(start_m, Ls, Ss, window, seq_begin, seq_end, BLOCK_M, BLOCK_N, CAUSAL,
-                                      WINDOW)
+    seq_lo, seq_begin, seq_end = _seq_key_range(start_m, start_m + BLOCK_M, Ls, Ss, window, BLOCK_N, CAUSAL,
+                                                 WINDOW)
+    u_lo, u_hi = _unmasked_key_blocks(start_m, start_m + BLOCK_M, Ls, Ss, window, seq_begin, seq_end, BLOCK_N,
+                                      CAUSAL, WINDOW)
     if WINDOW:
         acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs,
                                       stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, seq_begin, u_lo, seq_lo,
@@ -519,9 +519,10 @@ def prefix_attention_bwd_dq(
                          DOT_PRECISION, BLOCK_N)
 
     # As the forward: window band (masked), whole blocks (unmasked), diagonal and tail (masked).
-    seq_lo, seq_begin, seq_end = _seq_key_range(start_m, Ls, Ss, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    u_lo, u_hi = _unmasked_key_blocks(start_m, Ls, Ss, window, seq_begin, seq_end, BLOCK_M, BLOCK_N, CAUSAL,
-                                      WINDOW)
+    seq_lo, seq_begin, seq_end = _seq_key_range(start_m, start_m + BLOCK_M, Ls, Ss, window, BLOCK_N, CAUSAL,
+                                                 WINDOW)
+    u_lo, u_hi = _unmasked_key_blocks(start_m, start_m + BLOCK_M, Ls, Ss, window, seq_begin, seq_end, BLOCK_N,
+                                      CAUSAL, WINDOW)
     if WINDOW:
         dq = _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                           KPM, stride_kpm_b, stride_kpm_s, b, seq_begin, u_lo, seq_lo, offs_m, Ls, Ss, window,
