@@ -61,6 +61,12 @@ def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> lis
     return launched
 
 
+def regular_forward(monkeypatch) -> None:
+    """The test's forwards run prefix_attention_fwd, also at the shapes the decode path takes (GROUP * L at most
+    configs.DECODE_MAX_ROWS, test_triton_decode.py)."""
+    monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)
+
+
 # Several blocks of the largest tiles (128 rows) with ragged edges, causal with S > L, padding, GQA.
 HEAD_DIM_OF_BUCKET = {64: 64, 128: 96, 256: 200}
 
@@ -114,6 +120,7 @@ def test_forced_tiles_run_and_match_the_reference(monkeypatch, deterministic):
     """The forcing mechanism of the test above, on tiles other than the pinned ones (the interpreter's is
     16 x 16): every kernel really runs with the forced tile, and the result is still the oracle's."""
     case = Case(B=1, Hq=2, Hkv=1, L=20, S=37, P=33, D=16, padding=True)
+    regular_forward(monkeypatch)
     launched = force_tiles(monkeypatch, SMALL_TILES)
     assert_matches_reference(case, torch.float32, DEVICE, "triton", deterministic=deterministic)
     assert sorted(launched) == sorted(SMALL_TILES.items()), launched
@@ -286,8 +293,12 @@ def test_every_launch_has_batch_times_heads_on_axis_0(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_decode_with_more_than_65535_rows():
-    """Decode (L = 1) at B = 4096 with 32 query heads: 131072 programs, more than a grid's axis 1 or 2 takes."""
+@pytest.mark.parametrize("path", ["decode", "regular"])
+def test_decode_with_more_than_65535_rows(monkeypatch, path):
+    """Decode (L = 1) at B = 4096 with 32 query heads: 131072 query rows (the regular forward's programs; the
+    decode path's are B * Hkv = 32768), more than a grid's axis 1 or 2 takes."""
+    if path == "regular":
+        regular_forward(monkeypatch)
     case = Case(B=4096, Hq=32, Hkv=8, L=1, S=24, P=8, D=64)
     assert_matches_reference(case, torch.bfloat16, "cuda", "triton")
 
@@ -452,12 +463,16 @@ def _assert_close(got, want, name):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("path", ["decode", "regular"])
 @pytest.mark.parametrize("tiles", [None, SMALL_TILES], ids=["pinned", "small-tiles"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-def test_keys_outside_every_window_are_never_read(monkeypatch, tiles, causal):
+def test_keys_outside_every_window_are_never_read(monkeypatch, tiles, causal, path):
     """Chunked prefill (L < S) with a window: keys before S - L - window + 1 are in no query's window. Filled
     with NaN across several key blocks (and the start of a block some queries see), they change nothing: output
-    and all gradients are finite and equal the oracle's on clean values (zeros for those keys)."""
+    and all gradients are finite and equal the oracle's on clean values (zeros for those keys). The forward
+    by either path (the decode path stacks the 40 rows of the group; the interpreter also splits the keys)."""
+    if path == "regular":
+        regular_forward(monkeypatch)
     case = Case(B=1, Hq=2, Hkv=1, L=20, S=83, P=5, D=16, causal=causal, window=10, softcap=2.0, sinks=True)
     unseen = torch.arange(case.S) < case.S - case.L - case.window + 1  # 54 keys: blocks 0-2 and part of 3
     out, grads, want_out, want_grads = _poisoned_run(case, unseen, monkeypatch, tiles)

@@ -93,6 +93,19 @@ INTERPRETER_TILE = (16, 16, 4, 1)
 # kernel (a test helper) spills at 64 x 64 with 4 warps: Philox needs many registers per element.
 PREPROCESS_TILE = (64, None, 4, 3)
 DROPOUT_MASK_TILE = (32, 32, 4, 3)
+# The decode forward (kernels_decode.py): per head-dim bucket, one tile per BLOCK_M (the most stacked rows, query
+# heads of a group times queries, one program holds); a launch takes the first tile that holds its rows, or the
+# last one (several tile blocks). Plain, not autotuned: the launch sizes its split of the keys in BLOCK_N blocks
+# before it launches. The larger BLOCK_M need more warps or shorter key blocks not to spill with the features
+# on; at D 256 a 64-row tile spills on sm_80 however it is cut, so 33 to 64 rows take two 32-row blocks.
+DECODE_TILES: dict[int, list[tuple[int, int, int, int]]] = {
+    64: [(16, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+    128: [(16, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    256: [(16, 64, 8, 2), (32, 32, 4, 2)],
+}
+DECODE_MERGE_TILE = (32, None, 4, 1)
+# The forward takes the decode path when GROUP * L is at most this (launch.py `takes_decode_path`).
+DECODE_MAX_ROWS = 64
 # Sizes enter the key as powers of two (launch.py `_buckets`); GROUP (query heads per KV head) changes the
 # work of the key-side kernels per program and the L2 reuse of the query-side ones.
 AUTOTUNE_KEY = ["L_BUCKET", "S_BUCKET", "P_BUCKET", "GROUP", "D_PAD", "CAUSAL", "DROPOUT", "DOT_PRECISION"]
@@ -167,6 +180,12 @@ def plain_tile(tile: tuple) -> tuple:
     if interpreting() and not interpreter_runs_shipped_tiles():
         return (INTERPRETER_TILE[0], INTERPRETER_TILE[1] if tile[1] else None, *tile[2:])
     return tile
+
+
+def decode_tile(d_pad: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a decode launch stacking `rows` rows (as plain_tile)."""
+    tiles = DECODE_TILES[head_dim_bucket(d_pad)]
+    return plain_tile(next((tile for tile in tiles if tile[0] >= rows), tiles[-1]))
 
 
 def _config(tile: tuple[int, int, int, int]) -> triton.Config:

@@ -7,7 +7,9 @@ and strides), so a compiled model keeps the fused kernels without a graph break.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -15,7 +17,7 @@ import triton
 
 from ..library import op_names
 from . import configs, interpreting
-from .configs import DROPOUT_MASK_TILE, PREPROCESS_TILE, plain_tile
+from .configs import DECODE_MERGE_TILE, DROPOUT_MASK_TILE, PREPROCESS_TILE, decode_tile, plain_tile
 from .kernels import (
     prefix_attention_bwd_dkdv,
     prefix_attention_bwd_dq,
@@ -24,12 +26,19 @@ from .kernels import (
     prefix_attention_dropout_mask,
     prefix_attention_fwd,
 )
+from .kernels_decode import prefix_attention_fwd_decode, prefix_attention_fwd_decode_merge
 
 LOG2E = math.log2(math.e)  # the kernels work in exp2: scores are pre-multiplied by scale * log2(e)
 
 # Upper bound on the row chunks of the deterministic prefix reduction: its fp32 partial buffers are
 # [n_splits, T, Hkv, P, D], so memory stays independent of the batch size.
 MAX_PREFIX_SPLITS = 32
+# The decode path's split of the keys (docs/kernels.md "Decode: few queries per KV head"): a split gets at least
+# MIN_DECODE_SPLIT_BLOCKS key blocks, and there are at most MAX_DECODE_SPLITS. DECODE_SPLITS_ENV forces a count
+# (tests; any device).
+MIN_DECODE_SPLIT_BLOCKS = 4
+MAX_DECODE_SPLITS = 64
+DECODE_SPLITS_ENV = "PREFIX_KERNELS_DECODE_SPLITS"
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -136,6 +145,10 @@ def triton_fwd(
     pidx = q if prefix_index is None else prefix_index
     consts = _common_constexprs(q, Hkv, causal, dropout_p)
     (cu, sink_logits, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, sinks, window, softcap)
+    if takes_decode_path(L, consts["GROUP"], dropout_p, cu_seqlens):
+        _decode_fwd(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, prefix_index is not None,
+                    sink_logits, out, lse, window, softcap, scale * LOG2E, flags, consts)
+        return out, lse
 
     def grid(meta):
         return _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs)
@@ -149,6 +162,68 @@ def triton_fwd(
         HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, **flags, **consts,
     )
     return out, lse
+
+
+def takes_decode_path(L: int, group: int, dropout_p: float, cu_seqlens: Optional[torch.Tensor]) -> bool:
+    """Few query rows per KV head (the GROUP query heads times L queries), no dropout, not packed: the decode
+    kernels (kernels_decode.py) instead of prefix_attention_fwd."""
+    return group * L <= configs.DECODE_MAX_ROWS and dropout_p == 0.0 and cu_seqlens is None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(device: torch.device, programs: int, key_blocks: int) -> int:
+    """How many programs share the key blocks of a decode tile block: enough to fill about one wave of the GPU's
+    SMs with `programs` tile blocks, each split at least MIN_DECODE_SPLIT_BLOCKS blocks long; 1 when the tile
+    blocks fill the GPU. DECODE_SPLITS_ENV forces the count (it may exceed the blocks: the extra splits see no
+    key); under the interpreter (and off CUDA) up to 3, one block each, so that tests merge splits."""
+    forced = os.environ.get(DECODE_SPLITS_ENV, "")
+    if forced:
+        return max(1, int(forced))
+    if interpreting() or device.type != "cuda":
+        return max(1, min(3, key_blocks))
+    wanted = triton.cdiv(_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+                         programs)
+    return max(1, min(wanted, key_blocks // MIN_DECODE_SPLIT_BLOCKS, MAX_DECODE_SPLITS))
+
+
+def _decode_fwd(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, multi, sink_logits, out, lse, window,
+                softcap, scale_log2, flags, consts) -> None:
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = prefix_k.shape[-2]
+    group = consts["GROUP"]
+    block_m, block_n, num_warps, num_stages = decode_tile(consts["D_PAD"], group * L)
+    tile_blocks = triton.cdiv(group * L, block_m)
+    # The keys a tile block may see: the prefix, and the sequence up to a window's reach.
+    seen = min(S, window + L - 1) if window else S
+    n_splits = decode_splits(q.device, B * Hkv * tile_blocks, triton.cdiv(P, block_n) + triton.cdiv(seen, block_n))
+    split = n_splits > 1
+    ws_o = ws_lse = lse  # not read without SPLIT
+    if split:
+        ws_o = torch.empty((B * Hq * L, n_splits, D), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((B * Hq * L, n_splits), dtype=torch.float32, device=q.device)
+    _launch(
+        prefix_attention_fwd_decode, (B * Hkv, tile_blocks, n_splits),
+        q, k, v, prefix_k, prefix_v, kpm, pidx, sink_logits, out, lse, ws_o, ws_lse,
+        *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+        *_strides(out), *kpm_strides,
+        Hq, Hkv, L, S, P, n_splits, window, softcap, scale_log2,
+        GROUP=group, D=D, D_PAD=consts["D_PAD"], CAUSAL=consts["CAUSAL"], HAS_KPM=has_kpm, MULTI_PREFIX=multi,
+        WINDOW=flags["WINDOW"], SOFTCAP=flags["SOFTCAP"], SINKS=flags["SINKS"], SPLIT=split,
+        DOT_PRECISION=consts["DOT_PRECISION"], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        merge_block, _, merge_warps, merge_stages = plain_tile(DECODE_MERGE_TILE)
+        _launch(
+            prefix_attention_fwd_decode_merge, (triton.cdiv(B * Hq * L, merge_block),),
+            ws_o, ws_lse, out, lse, *_strides(out), Hq, L, B * Hq * L, n_splits,
+            D=D, D_PAD=consts["D_PAD"], BLOCK_M=merge_block, num_warps=merge_warps, num_stages=merge_stages,
+        )
 
 
 def _prefix_splits(q: torch.Tensor, Hkv: int, P: int, T: int, deterministic: bool) -> int:
