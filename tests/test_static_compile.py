@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
-                                               PREPROCESS_TILE, SM90_ONLY_TILES, TILE_CONFIGS)
+from prefix_kernels.ops.triton.configs import (DECODE_MERGE_TILE, DECODE_TILES, DROPOUT_MASK_TILE,
+                                               DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
+                                               SM90_ONLY_TILES, TILE_CONFIGS)
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -22,6 +23,8 @@ import ptxas  # noqa: E402
 ARCHS = (80, 90)
 PLAIN = [("bwd_preprocess", "bf16", "no", "no", d_pad, str(PREPROCESS_TILE[0]), "-", *map(str, PREPROCESS_TILE[2:]))
          for d_pad in ("64", "128", "256")] + [("dropout_mask", "-", "yes", "no", "-", *map(str, DROPOUT_MASK_TILE))]
+PLAIN += [("fwd_decode_merge", "bf16", "no", "no", d_pad, str(DECODE_MERGE_TILE[0]), "-",
+           *map(str, DECODE_MERGE_TILE[2:])) for d_pad in ("64", "128", "256")]
 
 
 def _ptxas() -> str | None:
@@ -41,7 +44,8 @@ def _ptxas() -> str | None:
 
 def expected_rows() -> Counter:
     """(kernel, dtype, DROPOUT, FEATURES, D_PAD, BLOCK_M, BLOCK_N, warps, stages, arch) of every shipped launch
-    (FEATURES: the attention kernels' feature tiles with window, softcap, sinks and packed sequences on)."""
+    (FEATURES: the attention kernels' feature tiles with window, softcap, sinks and packed sequences on; the
+    decode forward's tiles with and without its features)."""
     rows = Counter()
     for arch in ARCHS:
         for kernel, buckets in TILE_CONFIGS.items():
@@ -59,6 +63,11 @@ def expected_rows() -> Counter:
             for d_pad, tiles in buckets.items():
                 for bm, bn, w, s in tiles:
                     rows[(kernel, "bf16", "yes", "yes", str(d_pad), str(bm), str(bn), str(w), str(s),
+                          f"sm_{arch}")] += 1
+        for d_pad, tiles in DECODE_TILES.items():
+            for bm, bn, w, s in tiles:
+                for features in ("no", "yes"):
+                    rows[("fwd_decode", "bf16", "no", features, str(d_pad), str(bm), str(bn), str(w), str(s),
                           f"sm_{arch}")] += 1
         for plain in PLAIN:
             rows[(*plain, f"sm_{arch}")] += 1
@@ -127,7 +136,7 @@ from triton.runtime.autotuner import Autotuner
 from prefix_kernels.ops.triton import kernels
 
 for job in check.plan((90,), quick=True):
-    if job.kernel == "bwd_preprocess":
+    if job.kernel in ("bwd_preprocess", "fwd_decode", "fwd_decode_merge"):  # no dropout, no seed
         continue
     fn = getattr(kernels, job.function)
     fn = fn.fn if isinstance(fn, Autotuner) else fn
@@ -167,5 +176,5 @@ def test_compile_check_plan_covers_every_tile_config():
     jobs = triton_compile_check.plan((80, 90))
     assert len(jobs) == sum(expected_rows().values())
     assert {job.function for job in jobs} == {
-        "prefix_attention_" + k for k in ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess",
-                                          "dropout_mask")}
+        "prefix_attention_" + k for k in ("fwd", "fwd_decode", "fwd_decode_merge", "bwd_dq", "bwd_dkdv",
+                                          "bwd_dprefix", "bwd_preprocess", "dropout_mask")}

@@ -7,7 +7,11 @@ on its plain tiles, with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128, 
 of `configs.DROPOUT_TILE_CONFIGS`), and for every tile config of
 `configs.FEATURE_TILE_CONFIGS` the four attention kernels with every optional feature on (FEATURES: window,
 softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which packed sequences
-exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The argument types and the integer
+exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward
+(`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one per BLOCK_M) with FEATURES off (a
+decode step, L = 1: causal, key padding mask, several prefixes, the keys split; with --fp32 also in fp32 with
+"ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one split, so out and lse are
+stored directly), and its merge kernel at `configs.DECODE_MERGE_TILE`. The argument types and the integer
 specializations (divisibility by 16, strides equal to 1 as constants, none for the arguments a kernel lists in
 `do_not_specialize`, such as the dropout seed) are those of a launch from `launch.py` on contiguous tensors.
 Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared memory ptxas
@@ -41,18 +45,21 @@ from prefix_kernels.ops.triton import interpreting
 # Dynamic shared memory a block may opt into (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DEFAULT_ARCHS = (80, 90)
-KERNEL_ORDER = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess", "dropout_mask")
+KERNEL_ORDER = ("fwd", "fwd_decode", "fwd_decode_merge", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess",
+                "dropout_mask")
 FP32_MAX_D_PAD = 128
 BUCKETS = (64, 128, 256)
 
 # A representative launch: contiguous tensors, GQA, several prefixes, sizes that are not multiples of 16.
 B, HQ, HKV, L, S, P, T = 2, 8, 4, 1000, 1000, 500, 3
 GROUP = HQ // HKV
+# The decode forward's queries: a decode step (FEATURES off, its keys split) and a short query (FEATURES on).
+DECODE_L, DECODE_FEATURES_L, DECODE_SPLITS = 1, 5, 7
 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # TILE_CONFIGS key, or "bwd_preprocess" / "dropout_mask"
+    kernel: str  # TILE_CONFIGS key, or "fwd_decode" / "fwd_decode_merge" / "bwd_preprocess" / "dropout_mask"
     dtype: str  # "bf16" or "fp32"
     dropout: bool
     d_pad: Optional[int]
@@ -61,7 +68,7 @@ class Job:
     num_warps: int
     num_stages: int
     arch: int
-    features: bool = False  # WINDOW, SOFTCAP, SINKS (forward), PACKED on; HAS_KPM off
+    features: bool = False  # WINDOW, SOFTCAP, SINKS (forward), PACKED on; HAS_KPM off (fwd_decode: see above)
 
     @property
     def function(self) -> str:
@@ -88,8 +95,9 @@ class Row:
 
 def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
     """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
-    from prefix_kernels.ops.triton.configs import (DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
-                                                   PREPROCESS_TILE, TILE_CONFIGS, tiles_for_arch)
+    from prefix_kernels.ops.triton.configs import (DECODE_MERGE_TILE, DECODE_TILES, DROPOUT_MASK_TILE,
+                                                   DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
+                                                   TILE_CONFIGS, tiles_for_arch)
 
     jobs = []
     for arch in archs:
@@ -114,6 +122,15 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
             for d_pad, tiles in sorted(buckets.items()):
                 for bm, bn, w, s in tiles[:1] if quick else tiles:
                     jobs.append(Job(kernel, "bf16", True, d_pad, bm, bn, w, s, arch, features=True))
+        for d_pad, tiles in sorted(DECODE_TILES.items()):
+            for bm, bn, w, s in tiles[-1:] if quick else tiles:
+                for features in (False, True):
+                    jobs.append(Job("fwd_decode", "bf16", False, d_pad, bm, bn, w, s, arch, features=features))
+                if fp32 and d_pad <= FP32_MAX_D_PAD:
+                    jobs.append(Job("fwd_decode", "fp32", False, d_pad, bm, bn, w, s, arch))
+        bm, _, w, s = DECODE_MERGE_TILE
+        for d_pad in BUCKETS:
+            jobs.append(Job("fwd_decode_merge", "bf16", False, d_pad, bm, None, w, s, arch))
         bm, _, w, s = PREPROCESS_TILE
         for d_pad in BUCKETS:
             jobs.append(Job("bwd_preprocess", "bf16", False, d_pad, bm, None, w, s, arch))
@@ -172,6 +189,23 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
                             pv=("thpd", p_s), o=("bhld", q_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, L=L, S=S, P=P, **features, **scalars, **buckets)
         consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, SINKS=on, **flags, **common)
+    elif job.kernel == "fwd_decode":
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
+                    SINK_LOGITS=t(torch.float32), OUT=t(), LSE=t(torch.float32), WS_O=t(torch.float32),
+                    WS_LSE=t(torch.float32))
+        decode_l = DECODE_FEATURES_L if on else DECODE_L
+        dq_s = _contig(B, HQ, decode_l, D)
+        args.update(strides(q=("bhld", dq_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
+                            pv=("thpd", p_s), o=("bhld", dq_s), kpm_=("bs", kpm_s)))
+        args.update(Hq=HQ, Hkv=HKV, L=decode_l, S=S, P=P, n_splits=1 if on else DECODE_SPLITS,
+                    window=features["window"], softcap=features["softcap"], scale_log2=scalars["scale_log2"])
+        consts = dict(CAUSAL=True, HAS_KPM=True, MULTI_PREFIX=True, WINDOW=on, SOFTCAP=on, SINKS=on, SPLIT=not on,
+                      **{name: common[name] for name in ("GROUP", "D", "D_PAD", "DOT_PRECISION")}, **tiles)
+    elif job.kernel == "fwd_decode_merge":
+        args = dict(WS_O=t(torch.float32), WS_LSE=t(torch.float32), OUT=t(), LSE=t(torch.float32))
+        args.update(strides(o=("bhld", _contig(B, HQ, DECODE_L, D))))
+        args.update(Hq=HQ, L=DECODE_L, n_rows=B * HQ * DECODE_L, n_splits=DECODE_SPLITS)
+        consts = dict(D=D, D_PAD=D, BLOCK_M=job.block_m)
     elif job.kernel == "bwd_dq":
         args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
                     CU_SEQLENS=t(torch.int32), DO=t(), LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t())
@@ -212,10 +246,10 @@ def _ast_source(job: Job):
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from prefix_kernels.ops.triton import kernels
+    from prefix_kernels.ops.triton import kernels, kernels_decode
 
     name, args, consts = _launch_args(job)
-    fn = getattr(kernels, name)
+    fn = getattr(kernels, name, None) or getattr(kernels_decode, name)
     from triton.runtime.autotuner import Autotuner
     if isinstance(fn, Autotuner):
         fn = fn.fn  # the JITFunction under the autotuner
@@ -412,7 +446,9 @@ def main(argv=None) -> int:
             f", its DROPOUT_TILE_CONFIGS with dropout); the tiles of SM90_ONLY_TILES on sm_90 only; "
             f"FEATURES = yes: window, softcap, sinks and packed sequences (with a prefix each), no padding mask; "
             f"deterministic prefix reduction; "
-            f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD. "
+            f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD; fwd_decode: L = {DECODE_L} "
+            f"with {DECODE_SPLITS} splits (FEATURES = no) or L = {DECODE_FEATURES_L}, one split, window, softcap and "
+            f"sinks with the padding mask (FEATURES = yes). "
             f"smem = Triton's dynamic shared memory + ptxas static smem; limits sm_80 {SMEM_LIMIT[80]}, "
             f"sm_90 {SMEM_LIMIT[90]} bytes.\n\n" + table(rows) + "\n")
     for r in bad:
