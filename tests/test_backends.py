@@ -63,6 +63,26 @@ def test_matches_reference(backend, device, dtype, case):
     assert_matches_reference(case, dtype, device, backend)
 
 
+def _triton_decode_path_takes(case: Case) -> bool:
+    from prefix_kernels.ops.triton import configs
+
+    return (case.Hq // case.Hkv) * case.L <= configs.DECODE_MAX_ROWS and not case.packed
+
+
+TRITON_TARGETS = [p for p in target_dtypes() if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("case", [c for c in SWEEP if TRITON_TARGETS and _triton_decode_path_takes(c)], ids=Case.id)
+@pytest.mark.parametrize("backend,device,dtype", TRITON_TARGETS)
+def test_matches_reference_regular_triton_forward(monkeypatch, backend, device, dtype, case):
+    """The sweep's cases that triton's forward runs by its decode path (few query rows per KV head,
+    test_triton_decode.py), once more through the regular forward kernel, so that both stay covered."""
+    from prefix_kernels.ops.triton import configs
+
+    monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)
+    assert_matches_reference(case, dtype, device, backend)
+
+
 # Several query / key / prefix blocks per row for the GPU kernels (tiles of 16..128 rows): the first twelve
 # sweep cases grown past a few tiles, P = 17, odd head dims, rows that see no key, causal S < L.
 LARGE = [replace(c, B=3, L=4 * c.L + 61, S=4 * c.S + 61) for c in SWEEP[:12]] + [
