@@ -5,7 +5,7 @@ today (benchmarks/baselines.py: sdpa-expand, sdpa-concat, flex, flash-attn) agai
     python benchmarks/microbench.py [--device cpu|cuda] [--dtype float32 bfloat16] [--reps N] [--quick]
                                     [--sweep] [--modes fwd bwd fwd+bwd] [--baselines ...] [--out DIR]
 
-Default shapes: CPU three (NLU, causal LM, decode), GPU seven (NLU BERT-large, VERDICT_SHAPES, decode);
+Default shapes: CPU three (NLU, causal LM, decode), GPU seven (NLU BERT-large, VERDICT_SHAPES, the last of them a decode step);
 `--verdict`: VERDICT_SHAPES (what benchmarks/verdict.py decides on), fwd and fwd+bwd, PEFT's real path and
 SDPA on concatenated K/V with each SDPA kernel; `--sweep` runs the full sweep (Llama-8B-like layers over
 L and P, GQA ratio and head dim, P-Tuning v2 NLU over P, decode over S and B; fp16/bf16 on GPU);
@@ -48,19 +48,20 @@ CPU_SHAPES = [
     Shape("decode", 16, 8, 2, 1, 2048, 64, 64, causal=True),
 ]
 # The shapes benchmarks/verdict.py decides its targets on (bf16, fwd and fwd+bwd): (a) the Llama-8B layer,
-# (b) the P-Tuning v2 NLU shape, (c) forward at L 4096 and 8192, (d) P = 0 against SDPA on concatenated K/V.
+# (b) the P-Tuning v2 NLU shape, (c) forward at L 4096 and 8192, (d) P = 0 against SDPA on concatenated K/V,
+# (e) a Llama-8B decode step (the decode path: GQA stacking and split keys).
 VERDICT_SHAPES = [
     Shape("Llama-8B-like layer", 8, 32, 8, 2048, 2048, 64, 128, causal=True),
     Shape("p-tuning-v2 NLU (BERT-base)", 32, 12, 12, 128, 128, 128, 64, causal=False),
     Shape("Llama-8B-like layer L4096", 4, 32, 8, 4096, 4096, 64, 128, causal=True),
     Shape("Llama-8B-like layer L8192", 2, 32, 8, 8192, 8192, 64, 128, causal=True),
     Shape("Llama-8B-like layer P=0", 8, 32, 8, 2048, 2048, 0, 128, causal=True),
+    Shape("decode", 64, 32, 8, 1, 8192, 64, 128, causal=True),
 ]
 VERDICT_BASELINES = ["sdpa-peft", "sdpa-concat", *baselines.SDPA_CONCAT_FORCED]
 GPU_SHAPES = [
     Shape("p-tuning-v2 NLU (BERT-large)", 32, 16, 16, 128, 128, 128, 64, causal=False),
     *VERDICT_SHAPES,
-    Shape("decode", 64, 32, 8, 1, 8192, 64, 128, causal=True),
 ]
 
 

@@ -13,7 +13,9 @@ baseline without a time, is NOT MEASURED. Targets (bf16, ours = --backend):
   (c) forward >= 50% of the device's bf16 dense peak (the CSV's pct_peak) on the Llama layers with L >= 4096
       (the lowest of them decides);
   (d) within 10% of SDPA on pre-concatenated K/V at P = 0 (ours <= 1.1x the fastest of `sdpa-concat` and
-      `sdpa-concat:<flash|efficient|cudnn>`), forward and fwd+bwd, on the Llama layer with P = 0.
+      `sdpa-concat:<flash|efficient|cudnn>`), forward and fwd+bwd, on the Llama layer with P = 0;
+  (e) ours, not the issue's: a decode step's forward (B 64, Hq 32, Hkv 8, L 1, S 8192, P 64, D 128, the
+      triton decode path) at least as fast as PEFT's real path.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def verdicts(rows: list[dict], ours: str = "triton", dtype: str = "bfloat16") ->
                      1 / 1.1, "target >= 0.91x: within 10%", P=0, **llama),
         speedup_line(rows, "(d) P=0 fwd+bwd vs SDPA on pre-concatenated K/V", ours, concat, dtype, "fwd+bwd",
                      1 / 1.1, "target >= 0.91x: within 10%", P=0, **llama),
+        speedup_line(rows, "(e) decode B64 L1 S8192 forward vs PEFT's real path", ours, ["sdpa-peft"], dtype, "fwd",
+                     1.0, "our target >= 1.00x", B=64, L=1, S=8192, P=64, **LLAMA),
     ]
 
 

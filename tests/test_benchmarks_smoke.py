@@ -198,12 +198,13 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert verdict.main([path, "--out", out]) == 0
     lines = open(out).read().splitlines()
     assert lines[0].startswith(f"verdict of {path}: {len(rows)} rows")
-    a, b, c, d_fwd, d_both = lines[1:]
+    a, b, c, d_fwd, d_both, e = lines[1:]
     assert a.startswith("PASS (a)") and "1.40x" in a
     assert b.startswith("FAIL (b)") and "1.50x" in b
     assert c.startswith("NOT MEASURED (c)")
     assert d_fwd.startswith("FAIL (d)") and "WRONG" in d_fwd
     assert d_both.startswith("PASS (d)") and "0.94x" in d_both and "sdpa-concat:cudnn" in d_both
+    assert e.startswith("NOT MEASURED (e)")
     assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
 
     peak = [_verdict_row("triton", "fwd", 5.0, P=64, pct_peak=p, tflops=400, **dict(llama, L=L, S=L, B=B))
@@ -212,6 +213,10 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert c.startswith("FAIL (c)") and "0.48 of peak" in c and "L=4096: 61.0%" in c
     (c,) = [line for line in verdict.verdicts(peak[:1]) if "(c)" in line]
     assert c.startswith("PASS (c)")
+    decode = dict(B=64, Hq=32, Hkv=8, L=1, S=8192, P=64, D=128, causal=True)
+    (e,) = [line for line in verdict.verdicts([_verdict_row("triton", "fwd", 0.2, **decode),
+                                               _verdict_row("sdpa-peft", "fwd", 0.3, **decode)]) if "(e)" in line]
+    assert e.startswith("PASS (e)") and "1.50x" in e
     (a,) = [line for line in verdict.verdicts(rows[:1]) if "(a)" in line]  # no PEFT row
     assert a.startswith("NOT MEASURED (a)")
 
