@@ -177,4 +177,7 @@ def test_compile_check_plan_covers_every_tile_config():
     assert len(jobs) == sum(expected_rows().values())
     assert {job.function for job in jobs} == {
         "prefix_attention_" + k for k in ("fwd", "fwd_decode", "fwd_decode_merge", "bwd_dq", "bwd_dkdv",
-                                          "bwd_dprefix", "bwd_preprocess", "dropout_mask")}
+                                          "bwd_fused", "bwd_dprefix", "bwd_preprocess", "dropout_mask")}
+    # The opt-in fused backward: 4 plain tiles on sm_80 (its 32 x 64 over 8 warps at D 64 is sm_90 only), 5 on
+    # sm_90, and 6 feature tiles on each.
+    assert sum(job.kernel == "bwd_fused" for job in jobs) == 4 + 5 + 6 + 6

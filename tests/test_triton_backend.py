@@ -22,11 +22,13 @@ pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
                                 reason=f"the triton backend is unavailable on {DEVICE}")
 
 if "triton" in available_backends(DEVICE):
-    from prefix_kernels.ops.triton import configs, kernels, launch
+    from prefix_kernels.ops.triton import configs, kernels, kernels_bwd_fused, launch
 
     # The autotuned kernels, by their key in configs.TILE_CONFIGS.
     AUTOTUNED = {"fwd": kernels.prefix_attention_fwd, "bwd_dq": kernels.prefix_attention_bwd_dq,
-                 "bwd_dkdv": kernels.prefix_attention_bwd_dkdv, "bwd_dprefix": kernels.prefix_attention_bwd_dprefix}
+                 "bwd_dkdv": kernels.prefix_attention_bwd_dkdv,
+                 "bwd_fused": kernels_bwd_fused.prefix_attention_bwd_fused,
+                 "bwd_dprefix": kernels.prefix_attention_bwd_dprefix}
     SHIPPED = [(kernel, bucket, tile) for kernel, buckets in configs.TILE_CONFIGS.items()
                for bucket, tiles in buckets.items() for tile in tiles]
     SHIPPED_FEATURES = [(kernel, bucket, tile) for kernel, buckets in configs.FEATURE_TILE_CONFIGS.items()
@@ -43,8 +45,11 @@ def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> lis
     """Launch the named kernels with the given (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
     autotuner's choice (under pytest it pins the first config of each head-dim bucket): every launch goes
     through `launch._launch`, which here calls the autotuner's underlying kernel with explicit meta-parameters
-    (the grids read BLOCK_M / BLOCK_N from them). Returns the list of forced launches, (kernel, tile)."""
+    (the grids read BLOCK_M / BLOCK_N from them). Forcing the opt-in fused backward selects it. Returns the list
+    of forced launches, (kernel, tile)."""
     launched = []
+    if "bwd_fused" in tiles:
+        monkeypatch.setenv(launch.BWD_ENV, "fused")
     original = launch._launch
 
     def forced(kernel, grid, *args, **kwargs):
@@ -233,7 +238,7 @@ def test_prune_by_size():
             (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)}
         assert [configs._tile(c) for c in configs.prune_by_size(kernel, offered, 1)] == [(32, 64, 4, 2)]  # decode
         assert configs.prune_by_size(kernel, offered, None) == offered
-    for kernel in ("bwd_dkdv", "bwd_dprefix"):
+    for kernel in ("bwd_dkdv", "bwd_fused", "bwd_dprefix"):
         assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 32)} == {(64, 32, 4, 3)}
         assert {configs._tile(c) for c in configs.prune_by_size(kernel, offered, 16)} == {(64, 32, 4, 3)}
         assert len(configs.prune_by_size(kernel, offered, 64)) == 4
@@ -244,8 +249,10 @@ def test_autotuner_prunes_by_size(monkeypatch):
     blocks; a short prefix the smallest prefix key blocks)."""
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     monkeypatch.setattr(configs, "pinned", lambda: False)
-    sizes = {"fwd": "L_BUCKET", "bwd_dq": "L_BUCKET", "bwd_dkdv": "S_BUCKET", "bwd_dprefix": "P_BUCKET"}
-    block = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkdv": "BLOCK_N", "bwd_dprefix": "BLOCK_N"}
+    sizes = {"fwd": "L_BUCKET", "bwd_dq": "L_BUCKET", "bwd_dkdv": "S_BUCKET", "bwd_fused": "S_BUCKET",
+             "bwd_dprefix": "P_BUCKET"}
+    block = {"fwd": "BLOCK_M", "bwd_dq": "BLOCK_M", "bwd_dkdv": "BLOCK_N", "bwd_fused": "BLOCK_N",
+             "bwd_dprefix": "BLOCK_N"}
     for kernel, autotuned in AUTOTUNED.items():
         offered = [configs._config(tile) for table in ALL_TABLES for tiles in table.get(kernel, {}).values()
                    for tile in tiles]
@@ -400,7 +407,9 @@ def test_interpreter_at_shipped_tiles(monkeypatch, case):
     assert configs.plain_tile(configs.PREPROCESS_TILE)[0] == configs.INTERPRETER_TILE[0]
     features = bool(case.features())
     bucket = configs.head_dim_bucket(max(16, 1 << (case.D - 1).bit_length()))
-    want = {"prefix_attention_" + k: configs.tile_table(k, features)[bucket][0] for k in AUTOTUNED}
+    # The default backward: the opt-in fused kernel has its own shipped-tile run (test_triton_bwd_fused.py).
+    want = {"prefix_attention_" + k: configs.tile_table(k, features)[bucket][0] for k in AUTOTUNED
+            if k != "bwd_fused"}
     assert dict(used) == want, used
     assert want["prefix_attention_fwd"][0] == (64 if features else 128)
 

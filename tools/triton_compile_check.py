@@ -45,8 +45,8 @@ from prefix_kernels.ops.triton import interpreting
 # Dynamic shared memory a block may opt into (bytes).
 SMEM_LIMIT = {80: 166912, 90: 232448}
 DEFAULT_ARCHS = (80, 90)
-KERNEL_ORDER = ("fwd", "fwd_decode", "fwd_decode_merge", "bwd_dq", "bwd_dkdv", "bwd_dprefix", "bwd_preprocess",
-                "dropout_mask")
+KERNEL_ORDER = ("fwd", "fwd_decode", "fwd_decode_merge", "bwd_dq", "bwd_dkdv", "bwd_fused", "bwd_dprefix",
+                "bwd_preprocess", "dropout_mask")
 FP32_MAX_D_PAD = 128
 BUCKETS = (64, 128, 256)
 
@@ -220,6 +220,15 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
                             dk=("bhsd", kv_s), dv=("bhsd", kv_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **features, **scalars, **buckets)
         consts = dict(CAUSAL=True, HAS_KPM=kpm, **flags, **common)
+    elif job.kernel == "bwd_fused":
+        args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
+                    CU_SEQLENS=t(torch.int32), DO=t(), LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t(), DK=t(),
+                    DV=t())
+        args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
+                            pv=("thpd", p_s), do=("bhld", q_s), dq=("bhld", q_s), dk=("bhsd", kv_s),
+                            dv=("bhsd", kv_s), kpm_=("bs", kpm_s)))
+        args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **features, **scalars, **buckets)
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, DQ_ON=True, DKDV_ON=True, **flags, **common)
     elif job.kernel == "bwd_dprefix":
         args = dict(Q=t(), PK=t(), PV=t(), PIDX=t(torch.int64), DO=t(), LSE=t(torch.float32),
                     DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32))
@@ -246,10 +255,10 @@ def _ast_source(job: Job):
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from prefix_kernels.ops.triton import kernels, kernels_decode
+    from prefix_kernels.ops.triton import kernels, kernels_bwd_fused, kernels_decode
 
     name, args, consts = _launch_args(job)
-    fn = getattr(kernels, name, None) or getattr(kernels_decode, name)
+    fn = getattr(kernels, name, None) or getattr(kernels_bwd_fused, name, None) or getattr(kernels_decode, name)
     from triton.runtime.autotuner import Autotuner
     if isinstance(fn, Autotuner):
         fn = fn.fn  # the JITFunction under the autotuner

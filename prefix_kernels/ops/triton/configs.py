@@ -41,6 +41,14 @@ TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         128: [(32, 64, 8, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 8, 2)],
     },
+    # The opt-in one-launch backward (kernels_bwd_fused.py): BLOCK_N is the key block a program owns (its dK, dV),
+    # BLOCK_M the query block whose dq it computes. Both parts in one program keep more state live than either
+    # kernel alone, hence smaller tiles than bwd_dq / bwd_dkdv.
+    "bwd_fused": {
+        64: [(16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+        128: [(32, 64, 8, 2)],
+        256: [(16, 32, 8, 2)],
+    },
     "bwd_dprefix": {
         64: [(32, 64, 4, 3), (32, 64, 8, 2)],
         128: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)],
@@ -53,6 +61,7 @@ SM90_ONLY_TILES: dict[tuple[str, int], set[tuple[int, int, int, int]]] = {
     ("fwd", 128): {(128, 64, 8, 3)},
     ("fwd", 256): {(128, 32, 8, 2)},
     ("bwd_dq", 128): {(128, 32, 8, 2)},
+    ("bwd_fused", 64): {(32, 64, 8, 2)},
 }
 # The forward with dropout: Philox keeps 4 more words per score live, so the Hopper-sized plain tiles above would
 # spill there; these lighter tiles do not.
@@ -81,6 +90,11 @@ FEATURE_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         64: [(16, 64, 4, 2), (16, 32, 4, 2)],
         128: [(16, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 8, 2)],
+    },
+    "bwd_fused": {
+        64: [(16, 64, 8, 2), (16, 32, 4, 2)],
+        128: [(16, 64, 8, 2), (32, 32, 8, 2)],
+        256: [(16, 32, 8, 1), (16, 16, 8, 2)],
     },
     "bwd_dprefix": {
         64: [(32, 64, 4, 3)],
@@ -116,7 +130,10 @@ PREFIX_AUTOTUNE_KEY = ["L_BUCKET", "P_BUCKET", "GROUP", "D_PAD", "DROPOUT", "ATO
 # The optional features each kernel takes as constexpr flags: they change its work per block (a window skips
 # blocks, softcap adds a tanh, packed sequences are shorter than L), so each has its own tuning.
 FEATURE_KEYS = {"fwd": ["WINDOW", "SOFTCAP", "SINKS", "PACKED"], "bwd_dq": ["WINDOW", "SOFTCAP", "PACKED"],
-                "bwd_dkdv": ["WINDOW", "SOFTCAP", "PACKED"], "bwd_dprefix": ["SOFTCAP", "PACKED"]}
+                "bwd_dkdv": ["WINDOW", "SOFTCAP", "PACKED"], "bwd_fused": ["WINDOW", "SOFTCAP", "PACKED"],
+                "bwd_dprefix": ["SOFTCAP", "PACKED"]}
+# Further autotune keys: which parts of the fused backward run (the gradients autograd wants).
+EXTRA_KEYS = {"bwd_fused": ["DQ_ON", "DKDV_ON"]}
 
 
 def head_dim_bucket(d_pad: int) -> int:
@@ -241,9 +258,10 @@ def all_configs(kernel: str) -> list[triton.Config]:
 
 
 # The block a kernel loops over or owns along the size its grid walks: query blocks (BLOCK_M over L) for the
-# query-side kernels, key blocks (BLOCK_N) over S for bwd_dkdv and over P for bwd_dprefix.
+# query-side kernels, key blocks (BLOCK_N) over S for bwd_dkdv and bwd_fused (whose programs own a key block and
+# a query block each) and over P for bwd_dprefix.
 SIZE_PRUNE = {"fwd": ("BLOCK_M", "L_BUCKET"), "bwd_dq": ("BLOCK_M", "L_BUCKET"), "bwd_dkdv": ("BLOCK_N", "S_BUCKET"),
-              "bwd_dprefix": ("BLOCK_N", "P_BUCKET")}
+              "bwd_fused": ("BLOCK_N", "S_BUCKET"), "bwd_dprefix": ("BLOCK_N", "P_BUCKET")}
 
 
 def prune_by_size(kernel: str, configs: list[triton.Config], bucket: Optional[int]) -> list[triton.Config]:
@@ -268,7 +286,8 @@ def autotuned_kernel(kernel: str):
         kept = [c for c in configs if _tile(c) in wanted]
         return prune_by_size(kernel, kept, args.get(SIZE_PRUNE[kernel][1]))
 
-    key = (PREFIX_AUTOTUNE_KEY if kernel == "bwd_dprefix" else AUTOTUNE_KEY) + FEATURE_KEYS[kernel]
+    key = ((PREFIX_AUTOTUNE_KEY if kernel == "bwd_dprefix" else AUTOTUNE_KEY) + FEATURE_KEYS[kernel]
+           + EXTRA_KEYS.get(kernel, []))
     reset = ["DPK", "DPV"] if kernel == "bwd_dprefix" else None
     return triton.autotune(configs=all_configs(kernel), key=key, prune_configs_by={"early_config_prune": prune},
                            reset_to_zero=reset)

@@ -26,6 +26,7 @@ from .kernels import (
     prefix_attention_dropout_mask,
     prefix_attention_fwd,
 )
+from .kernels_bwd_fused import prefix_attention_bwd_fused
 from .kernels_decode import prefix_attention_fwd_decode, prefix_attention_fwd_decode_merge
 
 LOG2E = math.log2(math.e)  # the kernels work in exp2: scores are pre-multiplied by scale * log2(e)
@@ -39,6 +40,17 @@ MAX_PREFIX_SPLITS = 32
 MIN_DECODE_SPLIT_BLOCKS = 4
 MAX_DECODE_SPLITS = 64
 DECODE_SPLITS_ENV = "PREFIX_KERNELS_DECODE_SPLITS"
+# Which kernels compute dq, dK and dV (docs/kernels.md "The fused backward"): "split" (bwd_dq + bwd_dkdv, the
+# default) or "fused" (one launch, opt-in until a GPU has timed both). Read at every backward.
+BWD_ENV = "PREFIX_KERNELS_TRITON_BWD"
+BWD_MODES = ("split", "fused")
+
+
+def bwd_mode() -> str:
+    mode = os.environ.get(BWD_ENV, "") or "split"
+    if mode not in BWD_MODES:
+        raise ValueError(f"{BWD_ENV}={mode!r}: expected one of {', '.join(BWD_MODES)} (or unset, = split)")
+    return mode
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -269,27 +281,14 @@ def triton_bwd(
 
     want_dq, want_dkdv, want_dprefix = (bool(w) for w in output_mask)
     dq = torch.empty_like(q) if want_dq else q.new_empty((0,))
-    if want_dq:
-        _launch(
-            prefix_attention_bwd_dq, lambda meta: _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs),
-            q, k, v, prefix_k, prefix_v, kpm, pidx, cu, grad_out, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            *_strides(grad_out), *_strides(dq), *kpm_strides,
-            Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi,
-            HAS_KPM=has_kpm, **flags, **consts,
-        )
-
     dk = torch.empty_like(k) if want_dkdv else k.new_empty((0,))
     dv = torch.empty_like(v) if want_dkdv else v.new_empty((0,))
-    if want_dkdv and S > 0:
-        _launch(
-            prefix_attention_bwd_dkdv, lambda meta: _grid(S, meta["BLOCK_N"], B * Hkv, flags, n_seqs),
-            q, k, v, kpm, cu, grad_out, lse, delta, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            *kpm_strides,
-            Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm,
-            **flags, **consts,
-        )
+    sizes = (Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, buckets)
+    seq_args = (q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, cu, grad_out, lse, delta)
+    if bwd_mode() == "fused":
+        _fused_seq_gradients(*seq_args, dq, dk, dv, want_dq, want_dkdv and S > 0, B, multi, sizes, flags, consts)
+    else:
+        _split_seq_gradients(*seq_args, dq, dk, dv, want_dq, want_dkdv and S > 0, B, multi, sizes, flags, consts)
 
     if not want_dprefix:
         return dq, dk, dv, prefix_k.new_empty((0,)), prefix_v.new_empty((0,))
@@ -299,6 +298,53 @@ def triton_bwd(
     return (dq, dk, dv, *_prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S,
                                            softcap, scale_log2, dropout_p, seed, buckets, deterministic,
                                            prefix_consts))
+
+
+def _split_seq_gradients(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, cu, grad_out, lse, delta,
+                         dq, dk, dv, dq_on, dkdv_on, B, multi, sizes, flags, consts) -> None:
+    Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, buckets = sizes
+    if dq_on:
+        _launch(
+            prefix_attention_bwd_dq, lambda meta: _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs),
+            q, k, v, prefix_k, prefix_v, kpm, pidx, cu, grad_out, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+            *_strides(grad_out), *_strides(dq), *kpm_strides,
+            Hq, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi,
+            HAS_KPM=has_kpm, **flags, **consts,
+        )
+    if dkdv_on:
+        _launch(
+            prefix_attention_bwd_dkdv, lambda meta: _grid(S, meta["BLOCK_N"], B * Hkv, flags, n_seqs),
+            q, k, v, kpm, cu, grad_out, lse, delta, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            *kpm_strides,
+            Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm,
+            **flags, **consts,
+        )
+
+
+def _fused_seq_gradients(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, cu, grad_out, lse, delta,
+                         dq, dk, dv, dq_on, dkdv_on, B, multi, sizes, flags, consts) -> None:
+    Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, buckets = sizes
+    if not (dq_on or dkdv_on):
+        return
+
+    def grid(meta):
+        # Program i of a (row, KV head) owns key block i and query block i.
+        blocks = max(_grid(L, meta["BLOCK_M"], 1, flags, n_seqs)[1] if dq_on else 0,
+                     _grid(S, meta["BLOCK_N"], 1, flags, n_seqs)[1] if dkdv_on else 0)
+        return (B * Hkv, blocks)
+
+    # A part that does not run gets its input as a pointer (never written): an empty [0] tensor has no strides.
+    dq_arg, dk_arg, dv_arg = (dq if dq_on else q), (dk if dkdv_on else k), (dv if dkdv_on else v)
+    _launch(
+        prefix_attention_bwd_fused, grid,
+        q, k, v, prefix_k, prefix_v, kpm, pidx, cu, grad_out, lse, delta, dq_arg, dk_arg, dv_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+        *_strides(grad_out), *_strides(dq_arg), *_strides(dk_arg), *_strides(dv_arg), *kpm_strides,
+        Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, MULTI_PREFIX=multi,
+        HAS_KPM=has_kpm, DQ_ON=dq_on, DKDV_ON=dkdv_on, **flags, **consts,
+    )
 
 
 def _prefix_of_each_row(prefix_index: torch.Tensor, cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
