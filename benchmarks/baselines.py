@@ -23,14 +23,18 @@ of `sdpa-concat`, a `torch.compile`); `forward()` is what is timed.
   sequence with a bottom-right causal block mask, the two merged by their log-sum-exp. The prefix is
   expanded to the batch as a view (no copy). CUDA only: on CPU (torch 2.13) compiled flex has no LSE output
   and flex has no backward.
+- `triton:fused-bwd`: ours, the triton backend with its opt-in one-launch backward (PREFIX_KERNELS_TRITON_BWD=fused
+  around every call of the method: forward and backward), timed fwd+bwd only (its forward is triton's).
 - `flash-attn`: `flash_attn_func` on expand + cat K/V in its `[B, S, H, D]` layout (bottom-right causal,
   GQA native), when the `flash_attn` package is importable (CUDA fp16/bf16 only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +47,8 @@ BASELINES = ("sdpa-peft", "sdpa-expand", "sdpa-concat", "flex", "flash-attn")
 # `sdpa-concat` with one SDPA backend forced (torch.nn.attention.sdpa_kernel): the name says which one ran.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 SDPA_CONCAT_FORCED = tuple(f"sdpa-concat:{b}" for b in SDPA_BACKENDS)
+# The triton backend with the fused backward (docs/kernels.md "The fused backward"), for the GPU to decide on it.
+TRITON_FUSED_BWD = "triton:fused-bwd"
 
 
 @dataclass
@@ -52,6 +58,21 @@ class Method:
     forward: Callable[[], torch.Tensor]
     # maps the leaves' gradients to (dq, dk, dv, dprefix_k, dprefix_v) of the op (None: the leaves are those five)
     canonical_grads: Callable[[tuple], tuple] | None = None
+    # environment variables the method's calls run under (the backward reads them when it runs, after forward())
+    env: dict | None = None
+
+    @contextlib.contextmanager
+    def scope(self):
+        saved = {name: os.environ.get(name) for name in self.env or {}}
+        os.environ.update(self.env or {})
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def grads(self) -> tuple:
         """The gradients of (q, k, v, prefix_k, prefix_v) left in the leaves' .grad by a backward."""
@@ -95,6 +116,12 @@ def _compiled_flex():
 def unavailable_reason(name: str, device: str, dtype: torch.dtype, quick: bool = False,
                        mode: str = "fwd") -> str | None:
     """None if baseline `name` can run `mode` here, else why not (logged by the caller)."""
+    if name == TRITON_FUSED_BWD:
+        from prefix_kernels import available_backends
+
+        if not device.startswith("cuda") or "triton" not in available_backends(device):
+            return "the triton backend is timed on CUDA only"
+        return None if mode != "fwd" else "its forward is triton's: timed with a backward only"
     if name in ("sdpa-expand", "sdpa-concat", "sdpa-peft"):
         return None
     if name in SDPA_CONCAT_FORCED:
@@ -131,6 +158,10 @@ def ours(backend: str, tensors, causal: bool) -> Method:
     import prefix_kernels
 
     q, k, v, pk, pv = tensors
+    if backend == TRITON_FUSED_BWD:
+        return Method(backend, tuple(tensors),
+                      lambda: prefix_kernels.prefix_attention(q, k, v, pk, pv, causal=causal, backend="triton"),
+                      env={"PREFIX_KERNELS_TRITON_BWD": "fused"})
     if backend == "reference":
         # PEFT + eager attention: the plain expand + cat + softmax under autograd (the backend's op adds the
         # log-sum-exp its contract returns, which eager attention does not pay for).

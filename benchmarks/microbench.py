@@ -58,7 +58,7 @@ VERDICT_SHAPES = [
     Shape("Llama-8B-like layer P=0", 8, 32, 8, 2048, 2048, 0, 128, causal=True),
     Shape("decode", 64, 32, 8, 1, 8192, 64, 128, causal=True),
 ]
-VERDICT_BASELINES = ["sdpa-peft", "sdpa-concat", *baselines.SDPA_CONCAT_FORCED]
+VERDICT_BASELINES = ["sdpa-peft", "sdpa-concat", *baselines.SDPA_CONCAT_FORCED, baselines.TRITON_FUSED_BWD]
 GPU_SHAPES = [
     Shape("p-tuning-v2 NLU (BERT-large)", 32, 16, 16, 128, 128, 128, 64, causal=False),
     *VERDICT_SHAPES,
@@ -95,25 +95,28 @@ def clear_grads(tensors) -> None:
 
 
 def _calls(method: baselines.Method, grad_out, mode: str):
-    """(setup or None, timed call) for one method and mode."""
+    """(setup or None, timed call) for one method and mode, each under the method's environment (scope)."""
     if mode == "fwd":
         def fwd():
-            with torch.no_grad():
+            with torch.no_grad(), method.scope():
                 method.forward()
         return None, fwd
     if mode == "fwd+bwd":
         def fwd_bwd():
             clear_grads(method.leaves)
-            method.forward().backward(grad_out)
+            with method.scope():
+                method.forward().backward(grad_out)
         return None, fwd_bwd
     state = {}
 
     def setup():
         clear_grads(method.leaves)
-        state["out"] = method.forward()
+        with method.scope():
+            state["out"] = method.forward()
 
     def bwd():
-        state.pop("out").backward(grad_out)
+        with method.scope():
+            state.pop("out").backward(grad_out)
     return setup, bwd
 
 
@@ -177,12 +180,13 @@ def method_error(method: baselines.Method, grad_out, want, with_grads: bool) -> 
     if want is None:
         return None, None
     clear_grads(method.leaves)
-    if with_grads:
-        out = method.forward()
-        out.backward(grad_out)
-    else:
-        with torch.no_grad():
+    with method.scope():
+        if with_grads:
             out = method.forward()
+            out.backward(grad_out)
+        else:
+            with torch.no_grad():
+                out = method.forward()
     err = _max_abs(out.detach().float() - want[0])
     if not with_grads:
         return err, None

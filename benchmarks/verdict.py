@@ -16,6 +16,8 @@ baseline without a time, is NOT MEASURED. Targets (bf16, ours = --backend):
       `sdpa-concat:<flash|efficient|cudnn>`), forward and fwd+bwd, on the Llama layer with P = 0;
   (e) ours, not the issue's: a decode step's forward (B 64, Hq 32, Hkv 8, L 1, S 8192, P 64, D 128, the
       triton decode path) at least as fast as PEFT's real path.
+Then INFO lines, no target: (f) the triton backend with its opt-in fused backward (`triton:fused-bwd`) against
+`triton` (the split backward), fwd+bwd on the Llama-8B layer of (a).
 """
 
 from __future__ import annotations
@@ -113,7 +115,21 @@ def verdicts(rows: list[dict], ours: str = "triton", dtype: str = "bfloat16") ->
                      1 / 1.1, "target >= 0.91x: within 10%", P=0, **llama),
         speedup_line(rows, "(e) decode B64 L1 S8192 forward vs PEFT's real path", ours, ["sdpa-peft"], dtype, "fwd",
                      1.0, "our target >= 1.00x", B=64, L=1, S=8192, P=64, **LLAMA),
+        info_line(rows, "(f) Llama-8B layer fwd+bwd, fused backward vs split", "triton:fused-bwd", ours, dtype,
+                  "fwd+bwd", P=64, **llama),
     ]
+
+
+def info_line(rows, label: str, mine: str, other: str, dtype: str, mode: str, **dims) -> str:
+    """INFO: `other`'s time over `mine`'s (above 1: `mine` is faster); no target."""
+    a, b = _find(rows, mine, dtype, mode, **dims), _find(rows, other, dtype, mode, **dims)
+    for name, row in ((mine, a), (other, b)):
+        if _wrong(row):
+            return f"INFO {label}: {name} WRONG ({_err(row)}), no time"
+        if _ms(row) is None:
+            return f"INFO {label}: no timed {name} row"
+    return (f"INFO {label}: {_ms(b) / _ms(a):.2f}x ({mine} {_ms(a):.3f} ms, {other} {_ms(b):.3f} ms, {mode}; "
+            "no target)")
 
 
 def latest_run(rows: list[dict], commit: str | None = None) -> list[dict]:

@@ -198,13 +198,14 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert verdict.main([path, "--out", out]) == 0
     lines = open(out).read().splitlines()
     assert lines[0].startswith(f"verdict of {path}: {len(rows)} rows")
-    a, b, c, d_fwd, d_both, e = lines[1:]
+    a, b, c, d_fwd, d_both, e, f = lines[1:]
     assert a.startswith("PASS (a)") and "1.40x" in a
     assert b.startswith("FAIL (b)") and "1.50x" in b
     assert c.startswith("NOT MEASURED (c)")
     assert d_fwd.startswith("FAIL (d)") and "WRONG" in d_fwd
     assert d_both.startswith("PASS (d)") and "0.94x" in d_both and "sdpa-concat:cudnn" in d_both
     assert e.startswith("NOT MEASURED (e)")
+    assert f.startswith("INFO (f)") and "no timed triton:fused-bwd row" in f
     assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
 
     peak = [_verdict_row("triton", "fwd", 5.0, P=64, pct_peak=p, tflops=400, **dict(llama, L=L, S=L, B=B))
@@ -217,6 +218,11 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     (e,) = [line for line in verdict.verdicts([_verdict_row("triton", "fwd", 0.2, **decode),
                                                _verdict_row("sdpa-peft", "fwd", 0.3, **decode)]) if "(e)" in line]
     assert e.startswith("PASS (e)") and "1.50x" in e
+    fused = _verdict_row("triton:fused-bwd", "fwd+bwd", 8.0, P=64, **llama)
+    (f,) = [line for line in verdict.verdicts(rows + [fused]) if "(f)" in line]  # 10 / 8
+    assert f.startswith("INFO (f)") and "1.25x" in f and "triton:fused-bwd 8.000 ms" in f
+    (f,) = [line for line in verdict.verdicts(rows + [dict(fused, valid=False, ms="")]) if "(f)" in line]
+    assert f.startswith("INFO (f)") and "WRONG" in f
     (a,) = [line for line in verdict.verdicts(rows[:1]) if "(a)" in line]  # no PEFT row
     assert a.startswith("NOT MEASURED (a)")
 
@@ -234,4 +240,31 @@ def test_verdict_reads_measure_rows_at_p0(tmp_path):
     path = str(tmp_path / "m.csv")
     common.append_csv(path, rows)
     got = verdict.verdicts(common.read_csv(path), ours="sdpa-peft", dtype="float32")
-    assert all(line.startswith("NOT MEASURED") for line in got)  # not the verdict shapes
+    targets = [line for line in got if not line.startswith("INFO")]
+    assert targets and all(line.startswith("NOT MEASURED") for line in targets)  # not the verdict shapes
+    assert all("no timed" in line for line in got if line.startswith("INFO"))
+
+
+def test_triton_fused_bwd_method_runs_the_fused_backward(monkeypatch):
+    """`triton:fused-bwd` times the triton op with PREFIX_KERNELS_TRITON_BWD=fused around its forward and its
+    backward (which reads the variable when it runs), restores the environment after, and is skipped off CUDA."""
+    import microbench
+
+    if "triton" not in prefix_kernels.available_backends("cpu"):
+        pytest.skip("the triton backend (its interpreter) is unavailable")
+    from prefix_kernels.ops.triton import launch
+
+    monkeypatch.delenv(launch.BWD_ENV, raising=False)
+    names = []
+    original = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, grid, *a, **kw: (
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__), original(kernel, grid, *a, **kw)))
+    tensors = _inputs(dtype=torch.float32)
+    method = baselines.build(baselines.TRITON_FUSED_BWD, tensors, True)
+    _, call = microbench._calls(method, torch.randn(2, 4, 9, 16), "fwd+bwd")
+    call()
+    assert "prefix_attention_bwd_fused" in names and "prefix_attention_bwd_dq" not in names, names
+    assert launch.BWD_ENV not in os.environ
+    assert all(t.grad is not None for t in tensors)
+    assert baselines.unavailable_reason(baselines.TRITON_FUSED_BWD, "cpu", torch.bfloat16) is not None
+    assert baselines.TRITON_FUSED_BWD in microbench.VERDICT_BASELINES
