@@ -257,8 +257,12 @@ def test_triton_fused_bwd_method_runs_the_fused_backward(monkeypatch):
     monkeypatch.delenv(launch.BWD_ENV, raising=False)
     names = []
     original = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda kernel, grid, *a, **kw: (
-        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__), original(kernel, grid, *a, **kw)))
+
+    def recording(kernel, grid, *args, **kwargs):
+        names.append(getattr(getattr(kernel, "fn", kernel), "__name__", ""))
+        original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
     tensors = _inputs(dtype=torch.float32)
     method = baselines.build(baselines.TRITON_FUSED_BWD, tensors, True)
     _, call = microbench._calls(method, torch.randn(2, 4, 9, 16), "fwd+bwd")
