@@ -100,14 +100,19 @@ def _grads(case: Case, dtype: torch.dtype, wanted: tuple[str, ...], dropout_p: f
     return {n: leaves[n].grad for n in wanted}
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_fused_backward_is_bitwise_repeatable(fused, dropout_p):
+def test_backward_is_bitwise_repeatable_in_both_modes(monkeypatch, mode, dropout_p):
+    monkeypatch.setenv(launch.BWD_ENV, mode)
+    names = spy_launches(monkeypatch)
     case = Case(B=3, Hq=4, Hkv=1, L=21, S=26, P=9, T=2, padding=True)
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    first, second = _grads(case, torch.float16, names, dropout_p), _grads(case, torch.float16, names, dropout_p)
-    for name in names:
+    wanted = ("q", "k", "v", "prefix_k", "prefix_v")
+    first, second = _grads(case, torch.float16, wanted, dropout_p), _grads(case, torch.float16, wanted, dropout_p)
+    for name in wanted:
         assert torch.equal(first[name], second[name]), name
-    assert seq_kernels(fused) == ["prefix_attention_bwd_fused"] * 2, fused
+    per_run = ["prefix_attention_bwd_fused"] if mode == "fused" else ["prefix_attention_bwd_dq",
+                                                                     "prefix_attention_bwd_dkdv"]
+    assert seq_kernels(names) == per_run * 2, names
 
 
 @pytest.mark.parametrize("wanted", [("q",), ("k", "v"), ("q", "prefix_k", "prefix_v")], ids="+".join)
