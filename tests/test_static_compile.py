@@ -133,12 +133,12 @@ sys.path.insert(0, sys.argv[1])
 import triton_compile_check as check
 from triton.runtime.autotuner import Autotuner
 
-from prefix_kernels.ops.triton import kernels
+from prefix_kernels.ops.triton import kernels, kernels_bwd_fused
 
 for job in check.plan((90,), quick=True):
     if job.kernel in ("bwd_preprocess", "fwd_decode", "fwd_decode_merge"):  # no dropout, no seed
         continue
-    fn = getattr(kernels, job.function)
+    fn = getattr(kernels, job.function, None) or getattr(kernels_bwd_fused, job.function)
     fn = fn.fn if isinstance(fn, Autotuner) else fn
     assert "seed" in fn.do_not_specialize, job.function
     index = fn.arg_names.index("seed")
