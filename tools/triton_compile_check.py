@@ -5,9 +5,9 @@ for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every h
 "full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward without dropout
 on its plain tiles, with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128, and with dropout on the tiles
 of `configs.DROPOUT_TILE_CONFIGS`), and for every tile config of
-`configs.FEATURE_TILE_CONFIGS` the four attention kernels with every optional feature on (FEATURES: window,
-softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which packed sequences
-exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward
+`configs.FEATURE_TILE_CONFIGS` the attention kernels (the opt-in `bwd_fused` too) with every optional feature
+on (FEATURES: window, softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which
+packed sequences exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward
 (`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one per BLOCK_M) with FEATURES off (a
 decode step, L = 1: causal, key padding mask, several prefixes, the keys split; with --fp32 also in fp32 with
 "ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one split, so out and lse are
@@ -72,7 +72,7 @@ class Job:
 
     @property
     def function(self) -> str:
-        """The kernel's function in kernels.py."""
+        """The kernel's function in kernels.py, kernels_bwd_fused.py or kernels_decode.py."""
         return "prefix_attention_" + self.kernel
 
 
