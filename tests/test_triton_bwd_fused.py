@@ -159,3 +159,19 @@ def test_fused_backward_at_the_shipped_tiles(fused):
         assert_matches_reference(packed_case((30, 45), Hq=2, Hkv=1, P=9, window=20, softcap=5.0), torch.float32,
                                  DEVICE, "triton")
     assert seq_kernels(fused) == ["prefix_attention_bwd_fused"] * 2, fused
+
+
+def test_fused_grid_has_batch_times_kv_heads_on_axis_0(monkeypatch):
+    """(B * Hkv, max(query blocks, key blocks)): axis 0 is the only one past 65535 programs."""
+    monkeypatch.setenv(launch.BWD_ENV, "fused")
+    grids = []
+    original = launch._launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        if getattr(getattr(kernel, "fn", kernel), "__name__", "") == "prefix_attention_bwd_fused":
+            grids.append(grid({"BLOCK_M": 16, "BLOCK_N": 16}))
+        original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    assert_matches_reference(Case(B=3, Hq=4, Hkv=2, L=40, S=57, P=5, D=16), torch.float32, DEVICE, "triton")
+    assert grids == [(6, 4)], grids
