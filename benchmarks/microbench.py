@@ -5,7 +5,8 @@ today (benchmarks/baselines.py: sdpa-expand, sdpa-concat, flex, flash-attn) agai
     python benchmarks/microbench.py [--device cpu|cuda] [--dtype float32 bfloat16] [--reps N] [--quick]
                                     [--sweep] [--modes fwd bwd fwd+bwd] [--baselines ...] [--out DIR]
 
-Default shapes: CPU three (NLU, causal LM, decode), GPU seven (NLU BERT-large, VERDICT_SHAPES, the last of them a decode step);
+Default shapes: CPU three (NLU, causal LM, decode), GPU seven (NLU BERT-large and VERDICT_SHAPES, the last
+of them a decode step);
 `--verdict`: VERDICT_SHAPES (what benchmarks/verdict.py decides on), fwd and fwd+bwd, PEFT's real path and
 SDPA on concatenated K/V with each SDPA kernel; `--sweep` runs the full sweep (Llama-8B-like layers over
 L and P, GQA ratio and head dim, P-Tuning v2 NLU over P, decode over S and B; fp16/bf16 on GPU);
