@@ -108,7 +108,7 @@ def test_report_names_every_method(smoke):
     assert not (out / compare_methods.CSV_NAME).exists()  # --no-record
     # the ptuning-v2-reparam row is also the sweep's MLP point at P 16 (SAME_MODEL): the sweep report shows it
     sweep = (out / compare_methods.SWEEP_MD_NAME).read_text()
-    assert "## prompt length, MLP reparameterization" in sweep
+    assert "## MLP reparameterization (P 16" in sweep
 
 
 def test_sweep_report_and_plot_from_rows(tmp_path):
@@ -127,9 +127,9 @@ def test_sweep_report_and_plot_from_rows(tmp_path):
     md, png = compare_methods.write_sweep_report(rows, args, str(tmp_path))
     assert png and os.path.getsize(png) > 1000
     text = open(md).read()
-    assert "## prompt length, [CLS] pooling" in text and "Best by validation accuracy" in text
+    assert "## pooling (P 16)" in text and "## epochs (lr 3e-2, P 64)" in text and "Best by validation accuracy" in text
     assert "± 0.0014 (2 seeds" in text
-    assert len(compare_methods.plan(args)) == 29
+    assert len(compare_methods.plan(args)) == 21
 
 
 def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
@@ -215,7 +215,7 @@ def test_a_reparam_run_counts_for_the_sweep_point_with_its_settings(tmp_path, ca
     compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), [
         {"method": "ptuning-v2-reparam", "seed": 0, "settings": compare_methods.settings_key(s), "test_acc": 0.8}])
     compare_methods.main(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
-    assert "28 runs (1 already in" in capsys.readouterr().out
+    assert "20 runs (1 already in" in capsys.readouterr().out
 
 
 def test_report_mode_rewrites_the_reports_and_trains_nothing(tmp_path):
@@ -223,7 +223,7 @@ def test_report_mode_rewrites_the_reports_and_trains_nothing(tmp_path):
     rows = [{"method": m, "seed": 0, "settings": compare_methods.settings_key(compare_methods.method_settings(m, args)),
              "test_acc": 0.7, "best_val_acc": 0.7, "trainable_params": 770, "encoder_params": 22_713_216, "error": ""}
             for m in ("linear-probe", "full-finetune")]
-    combo = compare_methods.method_settings("ptuning-v2", args, {"lr": 3e-2, "epochs": 4})
+    combo = compare_methods.method_settings("ptuning-v2", args, {"lr": 5e-2, "epochs": 4})
     rows.append({"method": "ptuning-v2", "seed": 0, "settings": compare_methods.settings_key(combo), "test_acc": 0.805,
                  "best_val_acc": 0.82, "trainable_params": 74_498, "encoder_params": 22_713_216, "error": ""})
     compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), rows)
@@ -231,5 +231,5 @@ def test_report_mode_rewrites_the_reports_and_trains_nothing(tmp_path):
     text = (tmp_path / compare_methods.MD_NAME).read_text()
     assert "| linear-probe |" in text and "| full-finetune |" in text
     sweep = (tmp_path / compare_methods.SWEEP_MD_NAME).read_text()
-    assert "## Other settings" in sweep and "| lr 0.03, P 16, mean pooling | 4 | 0.8050 (1 seed)" in sweep
-    assert "Best by validation accuracy: lr 0.03, P 16, mean pooling, 4 epochs" in sweep
+    assert "## Other settings" in sweep and "| lr 0.05, P 16, mean pooling | 4 | 0.8050 (1 seed)" in sweep
+    assert "Best by validation accuracy: lr 0.05, P 16, mean pooling, 4 epochs" in sweep
