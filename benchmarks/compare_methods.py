@@ -25,9 +25,10 @@ Methods (`--methods`; trainable parameters are counted from the model: `requires
   mean pooling; trains the prefix + head; lr 1e-2.
 - ptuning-v2-reparam: `PTuningV2Config(P 16, prefix_projection=True)`, prefix dropout 0.1, mean pooling;
   trains embedding + MLP (lr 1e-3: at 3e-3 and 1e-2 it collapses to the majority class) + head (lr 1e-2).
-- ptuning-v2-recipe: the sweep's recipe (`demo.py --recipe`): P-Tuning v2 at P 64, lr 3e-2, 4 epochs (the
-  one row that trains longer: its epochs belong to the recipe); its runs count as sweep points too.
+- ptuning-v2-recipe: the sweep's recipe (`demo.py --recipe`): P-Tuning v2 at P 64, lr 3e-2, 8 epochs (it
+  trains longer: its epochs belong to the recipe); its runs count as sweep points too.
 - full-finetune: the encoder, mean pooling, dropout 0.1, Linear(384, 2), everything trainable; lr 5e-5.
+- full-finetune-4-epochs: the same for 4 epochs; the recipe's verdict is against the better of the two.
 - peft-prefix-tuning: `peft.get_peft_model(BertForSequenceClassification, PrefixTuningConfig(SEQ_CLS,
   P 16))` (BERT's pooler, PEFT's classifier); trains PEFT's prefix + classifier; lr 1e-2.
 
@@ -101,8 +102,11 @@ METHODS: dict[str, dict] = {
     # The sweep's recipe (`demo.py --recipe`): the one row that runs longer than the others (its epochs are part
     # of the recipe), so that its seeds give the spread of the claim "within N points of fine-tuning".
     "ptuning-v2-recipe": dict(prompt_length=64, reparam=False, prefix_dropout=0.1, init="random", lr=3e-2,
-                              pooling="mean", epochs=4),
+                              pooling="mean", epochs=8),
     "full-finetune": dict(lr=5e-5, pooling="mean"),
+    # Fine-tuning given a longer budget too (its validation still rose at the end of 2 epochs in two seeds of
+    # three), so that the recipe's 8 epochs are judged against fine-tuning at its best, not at a shorter budget.
+    "full-finetune-4-epochs": dict(lr=5e-5, pooling="mean", epochs=4),
     "peft-prefix-tuning": dict(prompt_length=16, lr=1e-2, pooling="pooler"),
 }
 TRAINS = {
@@ -113,11 +117,14 @@ TRAINS = {
     "ptuning-v2-reparam": "prefix via MLP (every layer) + head",
     "ptuning-v2-recipe": "prefix (every layer) + head",
     "full-finetune": "everything",
+    "full-finetune-4-epochs": "everything",
     "peft-prefix-tuning": "PEFT prefix + classifier",
 }
 # Methods that build the same model from the same settings: a run of one counts for the other (the sweep's
 # MLP points are ptuning-v2-reparam runs).
-SAME_MODEL = {"ptuning-v2-reparam": "ptuning-v2", "ptuning-v2-recipe": "ptuning-v2"}
+SAME_MODEL = {"ptuning-v2-reparam": "ptuning-v2", "ptuning-v2-recipe": "ptuning-v2",
+              "full-finetune-4-epochs": "full-finetune"}
+FINETUNE_ROWS = ("full-finetune", "full-finetune-4-epochs")
 
 
 # Settings added after rows were measured, and the value those rows ran with.
@@ -286,6 +293,7 @@ def _encoder(ctx: Context, seed: int):
 
 
 def build(method: str, s: dict, seed: int, ctx: Context) -> Built:
+    method = SAME_MODEL.get(method, method)  # the rows that differ only in their settings build the same model
     if method in ("linear-probe", "full-finetune"):
         enc, n_enc = _encoder(ctx, seed)
         model = EncoderClassifier(enc, s["pooling"]).to(ctx.device)
@@ -293,7 +301,7 @@ def build(method: str, s: dict, seed: int, ctx: Context) -> Built:
         return _plain(ctx, model, s, model.head.parameters(), n_enc)
     if method == "ptuning-v1":
         return _build_ptuning_v1(s, seed, ctx)
-    if method in ("prefix-tuning", "ptuning-v2", "ptuning-v2-reparam", "ptuning-v2-recipe"):
+    if method in ("prefix-tuning", "ptuning-v2"):
         if method != "prefix-tuning" and not s["reparam"]:  # the demo's own model
             model = demo.build_model(ctx.model_path, prompt_length=s["prompt_length"], backend=ctx.backend,
                                      device=ctx.device, pooling=s["pooling"], prefix_dropout=s["prefix_dropout"],
@@ -580,13 +588,18 @@ def write_main_report(rows: list[dict], args, out: str, timing: list[dict] = ())
                  "resident-set growth on CPU). Both come from the `--timing` pass (the methods one after another "
                  f"on an otherwise idle machine, {TIMING_CSV_NAME}) where the row has one, marked *; otherwise "
                  "they are the accuracy runs' own (mean over seeds), which may have shared the machine.")
-    ft = agg.get(run_key("full-finetune", method_settings("full-finetune", args)))
-    for m in ("ptuning-v2", "ptuning-v2-recipe"):
-        a = agg.get(run_key(m, method_settings(m, args)))
-        if m in args.methods and a and a["n"] and ft and ft["n"] and "full-finetune" in args.methods:
-            gap = round(100 * (ft["acc"] - a["acc"]), 1)  # judged as printed: to a tenth of a point
-            lines.append(f"\n{m} against full fine-tuning: {gap:.1f} points below (mean test accuracy, "
-                         f"{a['n']} and {ft['n']} seeds): {'within' if gap <= 2 else 'not within'} 2 points.")
+    # Judged against fine-tuning at its best budget: the higher mean of the fine-tuning rows measured.
+    fts = [(agg.get(run_key(m, method_settings(m, args))), m) for m in FINETUNE_ROWS if m in args.methods]
+    fts = [(a, m) for a, m in fts if a and a["n"]]
+    if fts:
+        ft, ft_name = max(fts, key=lambda x: x[0]["acc"])
+        for m in ("ptuning-v2", "ptuning-v2-recipe"):
+            a = agg.get(run_key(m, method_settings(m, args)))
+            if m in args.methods and a and a["n"]:
+                gap = round(100 * (ft["acc"] - a["acc"]), 1)  # judged as printed: to a tenth of a point
+                lines.append(f"\n{m} against full fine-tuning ({ft_name}, the better fine-tuning row): {gap:.1f} "
+                             f"points below (mean test accuracy, {a['n']} and {ft['n']} seeds): "
+                             f"{'within' if gap <= 2 else 'not within'} 2 points.")
     if any(r["method"] == SWEEP_METHOD and json.loads(r["settings"]) != method_settings(SWEEP_METHOD, args)
            for r in rows):
         lines += ["", f"The P-Tuning v2 sweep: [{SWEEP_MD_NAME}]({SWEEP_MD_NAME}).", "",

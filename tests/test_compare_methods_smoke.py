@@ -135,11 +135,11 @@ def test_sweep_report_and_plot_from_rows(tmp_path):
 def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
     args = compare_methods.parse_args(["--seeds", "0", "--epochs", "2"])
     recipe = compare_methods.method_settings("ptuning-v2-recipe", args)
-    assert (recipe["prompt_length"], recipe["lr"], recipe["epochs"]) == (64, 3e-2, 4)  # its own epochs
+    assert (recipe["prompt_length"], recipe["lr"], recipe["epochs"]) == (64, 3e-2, 8)  # its own epochs
     assert compare_methods.method_settings("full-finetune", args)["epochs"] == 2
     # the same settings measured as a sweep point (ptuning-v2 with --set) are the recipe's run
     sweep_point = compare_methods.method_settings("ptuning-v2", compare_methods.parse_args(
-        ["--set", "lr=3e-2", "--set", "epochs=4", "--set", "prompt_length=64"]))
+        ["--set", "lr=3e-2", "--set", "epochs=8", "--set", "prompt_length=64"]))
     assert compare_methods.run_key("ptuning-v2", sweep_point) == compare_methods.run_key("ptuning-v2-recipe", recipe)
     ft = compare_methods.method_settings("full-finetune", args)
     rows = [{"method": "ptuning-v2", "seed": seed, "settings": compare_methods.settings_key(sweep_point),
@@ -149,12 +149,24 @@ def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
               "trainable_params": 22_713_986, "encoder_params": 22_713_216, "error": ""}
              for seed, acc in ((0, 0.83), (1, 0.84))]
     text = open(compare_methods.write_main_report(rows, args, str(tmp_path))).read()
-    assert "| ptuning-v2-recipe |" in text and "P 64, mean pooling, 4 epochs" in text
+    assert "| ptuning-v2-recipe |" in text and "P 64, mean pooling, 8 epochs" in text
     assert "0.8150 ± 0.0071 (2 seeds" in text
-    assert "ptuning-v2-recipe against full fine-tuning: 2.0 points below" in text and ": within 2 points." in text
+    assert ("ptuning-v2-recipe against full fine-tuning (full-finetune, the better fine-tuning row): 2.0 points "
+            "below") in text and ": within 2 points." in text
     rows[0]["test_acc"] = 0.79
     text = open(compare_methods.write_main_report(rows, args, str(tmp_path))).read()
     assert "3.0 points below" in text and "not within 2 points" in text
+    # fine-tuning trained longer (full-finetune with --set epochs=4 is the same run) and better: the verdict's yardstick
+    ft4 = compare_methods.method_settings("full-finetune", compare_methods.parse_args(["--set", "epochs=4"]))
+    assert compare_methods.run_key("full-finetune", ft4) == compare_methods.run_key(
+        "full-finetune-4-epochs", compare_methods.method_settings("full-finetune-4-epochs", args))
+    rows[0]["test_acc"] = 0.81
+    rows += [{"method": "full-finetune", "seed": seed, "settings": compare_methods.settings_key(ft4), "test_acc": acc,
+              "trainable_params": 22_713_986, "encoder_params": 22_713_216, "error": ""}
+             for seed, acc in ((0, 0.84), (1, 0.85))]
+    text = open(compare_methods.write_main_report(rows, args, str(tmp_path))).read()
+    assert "| full-finetune-4-epochs |" in text and "0.8450 ± 0.0071 (2 seeds" in text
+    assert "(full-finetune-4-epochs, the better fine-tuning row): 3.0 points below" in text
 
 
 def test_resume_skips_runs_in_the_csv(tmp_path, capsys):
