@@ -155,8 +155,8 @@ def sweep_families() -> list[tuple[str, str, list[dict]]]:
     lr3 = {"lr": 3e-2, "head_lr": 3e-2}
     return [
         ("prompt length (lr 1e-2, 2 epochs)", "prompt_length", [{"prompt_length": p} for p in PROMPT_LENGTHS]),
-        ("learning rate (prefix and head)", "lr", [{"lr": v, "head_lr": v} for v in (1e-3, 3e-3, 1e-2, 3e-2, 5e-2)]),
-        ("head learning rate (prefix lr 1e-2)", "head_lr", [{"head_lr": v} for v in (1e-3, 1e-2, 3e-2, 1e-1)]),
+        ("learning rate (prefix and head)", "lr", [{"lr": v, "head_lr": v} for v in (1e-3, 1e-2, 3e-2, 5e-2)]),
+        ("head learning rate (prefix lr 1e-2)", "head_lr", [{"head_lr": v} for v in (1e-3, 1e-2, 1e-1)]),
         ("epochs (lr 3e-2, P 16)", "epochs", [{"epochs": e, **lr3} for e in (2, 3, 4)]),
         ("epochs (lr 3e-2, P 64)", "epochs", [{"epochs": e, "prompt_length": 64, **lr3} for e in (2, 4, 8)]),
         ("MLP reparameterization (P 16; with the MLP lr 1e-3 and head lr 1e-2: at 3e-3 and 1e-2 it collapses)",

@@ -129,7 +129,7 @@ def test_sweep_report_and_plot_from_rows(tmp_path):
     text = open(md).read()
     assert "## pooling (P 16)" in text and "## epochs (lr 3e-2, P 64)" in text and "Best by validation accuracy" in text
     assert "± 0.0014 (2 seeds" in text
-    assert len(compare_methods.plan(args)) == 21
+    assert len(compare_methods.plan(args)) == 19
 
 
 def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
@@ -227,7 +227,7 @@ def test_a_reparam_run_counts_for_the_sweep_point_with_its_settings(tmp_path, ca
     compare_methods.append_csv(str(tmp_path / compare_methods.CSV_NAME), [
         {"method": "ptuning-v2-reparam", "seed": 0, "settings": compare_methods.settings_key(s), "test_acc": 0.8}])
     compare_methods.main(["--sweep", "--out", str(tmp_path), "--list", "--resume"])
-    assert "20 runs (1 already in" in capsys.readouterr().out
+    assert "18 runs (1 already in" in capsys.readouterr().out
 
 
 def test_report_mode_rewrites_the_reports_and_trains_nothing(tmp_path):
