@@ -101,7 +101,7 @@ class PTuningV2Config(PrefixTuningConfig):
     """P-Tuning v2: deep prompts in every layer, no reparameterization by default, dropout 0.1 on the prefix
     (the reference code applies the backbone's hidden dropout to its prefix). Same fields as
     `PrefixTuningConfig`. Prompt lengths of ~16-64 suit classification and ~100-224 sequence labeling; train
-    the prefix and the head at lr 1e-2 to 3e-2 for more epochs than fine-tuning needs (about 1e-3 with
+    the prefix and the head at lr 1e-2 to 5e-2 for several times the epochs fine-tuning needs (about 1e-3 with
     `prefix_projection=True`): measured in docs/methods.md ("What the knobs do")."""
 
     prefix_dropout: float = 0.1
