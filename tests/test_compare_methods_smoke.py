@@ -132,6 +132,12 @@ def test_sweep_report_and_plot_from_rows(tmp_path):
     assert len(compare_methods.plan(args)) == 19
 
 
+def _seed_rows(method: str, settings: dict, trainable: int, accs) -> list[dict]:
+    """CSV rows of one run measured on seeds 0, 1, ... with these test accuracies."""
+    return [{"method": method, "seed": seed, "settings": compare_methods.settings_key(settings), "test_acc": acc,
+             "trainable_params": trainable, "encoder_params": 22_713_216, "error": ""} for seed, acc in enumerate(accs)]
+
+
 def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
     args = compare_methods.parse_args(["--seeds", "0", "--epochs", "2"])
     recipe = compare_methods.method_settings("ptuning-v2-recipe", args)
@@ -142,12 +148,8 @@ def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
         ["--set", "lr=3e-2", "--set", "epochs=8", "--set", "prompt_length=64"]))
     assert compare_methods.run_key("ptuning-v2", sweep_point) == compare_methods.run_key("ptuning-v2-recipe", recipe)
     ft = compare_methods.method_settings("full-finetune", args)
-    rows = [{"method": "ptuning-v2", "seed": seed, "settings": compare_methods.settings_key(sweep_point),
-             "test_acc": acc, "trainable_params": 295_682, "encoder_params": 22_713_216, "error": ""}
-            for seed, acc in ((0, 0.81), (1, 0.82))]
-    rows += [{"method": "full-finetune", "seed": seed, "settings": compare_methods.settings_key(ft), "test_acc": acc,
-              "trainable_params": 22_713_986, "encoder_params": 22_713_216, "error": ""}
-             for seed, acc in ((0, 0.83), (1, 0.84))]
+    rows = _seed_rows("ptuning-v2", sweep_point, 295_682, (0.81, 0.82))
+    rows += _seed_rows("full-finetune", ft, 22_713_986, (0.83, 0.84))
     text = open(compare_methods.write_main_report(rows, args, str(tmp_path))).read()
     assert "| ptuning-v2-recipe |" in text and "P 64, mean pooling, 8 epochs" in text
     assert "0.8150 ± 0.0071 (2 seeds" in text
@@ -161,9 +163,7 @@ def test_recipe_row_shares_the_sweep_runs_and_gets_a_verdict(tmp_path):
     assert compare_methods.run_key("full-finetune", ft4) == compare_methods.run_key(
         "full-finetune-4-epochs", compare_methods.method_settings("full-finetune-4-epochs", args))
     rows[0]["test_acc"] = 0.81
-    rows += [{"method": "full-finetune", "seed": seed, "settings": compare_methods.settings_key(ft4), "test_acc": acc,
-              "trainable_params": 22_713_986, "encoder_params": 22_713_216, "error": ""}
-             for seed, acc in ((0, 0.84), (1, 0.85))]
+    rows += _seed_rows("full-finetune", ft4, 22_713_986, (0.84, 0.85))
     text = open(compare_methods.write_main_report(rows, args, str(tmp_path))).read()
     assert "| full-finetune-4-epochs |" in text and "0.8450 ± 0.0071 (2 seeds" in text
     assert "(full-finetune-4-epochs, the better fine-tuning row): 3.0 points below" in text
