@@ -25,6 +25,8 @@ of `sdpa-concat`, a `torch.compile`); `forward()` is what is timed.
   and flex has no backward.
 - `triton:fused-bwd`: ours, the triton backend with its opt-in one-launch backward (PREFIX_KERNELS_TRITON_BWD=fused
   around every call of the method: forward and backward), timed fwd+bwd only (its forward is triton's).
+- `triton:atomic-bwd`: the same with the opt-in atomic backward (PREFIX_KERNELS_TRITON_BWD=atomic, FlashAttention-2's:
+  dq added with fp32 atomics) and `deterministic=False`, which it needs (so its prefix reduction is atomic too).
 - `flash-attn`: `flash_attn_func` on expand + cat K/V in its `[B, S, H, D]` layout (bottom-right causal,
   GQA native), when the `flash_attn` package is importable (CUDA fp16/bf16 only).
 """
@@ -47,8 +49,11 @@ BASELINES = ("sdpa-peft", "sdpa-expand", "sdpa-concat", "flex", "flash-attn")
 # `sdpa-concat` with one SDPA backend forced (torch.nn.attention.sdpa_kernel): the name says which one ran.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 SDPA_CONCAT_FORCED = tuple(f"sdpa-concat:{b}" for b in SDPA_BACKENDS)
-# The triton backend with the fused backward (docs/kernels.md "The fused backward"), for the GPU to decide on it.
+# The triton backend with an opt-in backward (docs/kernels.md "The fused backward", "The atomic backward"), for
+# the GPU to decide on them: name -> (PREFIX_KERNELS_TRITON_BWD, the calls' `deterministic`).
 TRITON_FUSED_BWD = "triton:fused-bwd"
+TRITON_ATOMIC_BWD = "triton:atomic-bwd"
+TRITON_BWD_VARIANTS = {TRITON_FUSED_BWD: ("fused", True), TRITON_ATOMIC_BWD: ("atomic", False)}
 
 
 @dataclass
@@ -116,7 +121,7 @@ def _compiled_flex():
 def unavailable_reason(name: str, device: str, dtype: torch.dtype, quick: bool = False,
                        mode: str = "fwd") -> str | None:
     """None if baseline `name` can run `mode` here, else why not (logged by the caller)."""
-    if name == TRITON_FUSED_BWD:
+    if name in TRITON_BWD_VARIANTS:
         from prefix_kernels import available_backends
 
         if not device.startswith("cuda") or "triton" not in available_backends(device):
@@ -158,10 +163,12 @@ def ours(backend: str, tensors, causal: bool) -> Method:
     import prefix_kernels
 
     q, k, v, pk, pv = tensors
-    if backend == TRITON_FUSED_BWD:
+    if backend in TRITON_BWD_VARIANTS:
+        mode, deterministic = TRITON_BWD_VARIANTS[backend]
         return Method(backend, tuple(tensors),
-                      lambda: prefix_kernels.prefix_attention(q, k, v, pk, pv, causal=causal, backend="triton"),
-                      env={"PREFIX_KERNELS_TRITON_BWD": "fused"})
+                      lambda: prefix_kernels.prefix_attention(q, k, v, pk, pv, causal=causal, backend="triton",
+                                                              deterministic=deterministic),
+                      env={"PREFIX_KERNELS_TRITON_BWD": mode})
     if backend == "reference":
         # PEFT + eager attention: the plain expand + cat + softmax under autograd (the backend's op adds the
         # log-sum-exp its contract returns, which eager attention does not pay for).

@@ -19,8 +19,8 @@
 #  4. microbench-verdict (150): benchmarks/microbench.py --verdict (Llama-8B layer at L 2048, 4096, 8192 and at
 #     P 0, the NLU shape, a decode step (B 64, L 1, S 8192); bf16, fwd and fwd+bwd; every backend, PEFT's real
 #     path `sdpa-peft`, SDPA on concatenated K/V with each SDPA kernel, the triton backend with its opt-in
-#     fused backward `triton:fused-bwd` (fwd+bwd only); every row with its error against fp32,
-#     WRONG rows untimed),
+#     fused and atomic backwards `triton:fused-bwd`, `triton:atomic-bwd` (fwd+bwd only); every row with its
+#     error against fp32, WRONG rows untimed),
 #  5. verdict (20): benchmarks/verdict.py on that run's CSV -> verdict.txt (PASS / FAIL / NOT MEASURED, and INFO
 #     lines without a target),
 #  6. e2e (what is left, at most 90): the end-to-end GPU subset (benchmarks/e2e.py).

@@ -17,7 +17,8 @@ baseline without a time, is NOT MEASURED. Targets (bf16, ours = --backend):
   (e) ours, not the issue's: a decode step's forward (B 64, Hq 32, Hkv 8, L 1, S 8192, P 64, D 128, the
       triton decode path) at least as fast as PEFT's real path.
 Then INFO lines, no target: (f) the triton backend with its opt-in fused backward (`triton:fused-bwd`) against
-`triton` (the split backward), fwd+bwd on the Llama-8B layer of (a).
+`triton` (the split backward), fwd+bwd on the Llama-8B layer of (a); (g) the same for its opt-in atomic backward
+(`triton:atomic-bwd`, deterministic=False).
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def verdicts(rows: list[dict], ours: str = "triton", dtype: str = "bfloat16") ->
         speedup_line(rows, "(e) decode B64 L1 S8192 forward vs PEFT's real path", ours, ["sdpa-peft"], dtype, "fwd",
                      1.0, "our target >= 1.00x", B=64, L=1, S=8192, P=64, **LLAMA),
         info_line(rows, "(f) Llama-8B layer fwd+bwd, fused backward vs split", "triton:fused-bwd", ours, dtype,
+                  "fwd+bwd", P=64, **llama),
+        info_line(rows, "(g) Llama-8B layer fwd+bwd, atomic backward vs split", "triton:atomic-bwd", ours, dtype,
                   "fwd+bwd", P=64, **llama),
     ]
 

@@ -198,7 +198,7 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert verdict.main([path, "--out", out]) == 0
     lines = open(out).read().splitlines()
     assert lines[0].startswith(f"verdict of {path}: {len(rows)} rows")
-    a, b, c, d_fwd, d_both, e, f = lines[1:]
+    a, b, c, d_fwd, d_both, e, f, g = lines[1:]
     assert a.startswith("PASS (a)") and "1.40x" in a
     assert b.startswith("FAIL (b)") and "1.50x" in b
     assert c.startswith("NOT MEASURED (c)")
@@ -206,6 +206,7 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert d_both.startswith("PASS (d)") and "0.94x" in d_both and "sdpa-concat:cudnn" in d_both
     assert e.startswith("NOT MEASURED (e)")
     assert f.startswith("INFO (f)") and "no timed triton:fused-bwd row" in f
+    assert g.startswith("INFO (g)") and "no timed triton:atomic-bwd row" in g
     assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
 
     peak = [_verdict_row("triton", "fwd", 5.0, P=64, pct_peak=p, tflops=400, **dict(llama, L=L, S=L, B=B))
@@ -223,6 +224,9 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert f.startswith("INFO (f)") and "1.25x" in f and "triton:fused-bwd 8.000 ms" in f
     (f,) = [line for line in verdict.verdicts(rows + [dict(fused, valid=False, ms="")]) if "(f)" in line]
     assert f.startswith("INFO (f)") and "WRONG" in f
+    atomic = _verdict_row("triton:atomic-bwd", "fwd+bwd", 12.5, P=64, **llama)
+    (g,) = [line for line in verdict.verdicts(rows + [atomic]) if "(g)" in line]  # 10 / 12.5
+    assert g.startswith("INFO (g)") and "0.80x" in g and "triton:atomic-bwd 12.500 ms" in g
     (a,) = [line for line in verdict.verdicts(rows[:1]) if "(a)" in line]  # no PEFT row
     assert a.startswith("NOT MEASURED (a)")
 
@@ -245,9 +249,12 @@ def test_verdict_reads_measure_rows_at_p0(tmp_path):
     assert all("no timed" in line for line in got if line.startswith("INFO"))
 
 
-def test_triton_fused_bwd_method_runs_the_fused_backward(monkeypatch):
-    """`triton:fused-bwd` times the triton op with PREFIX_KERNELS_TRITON_BWD=fused around its forward and its
-    backward (which reads the variable when it runs), restores the environment after, and is skipped off CUDA."""
+@pytest.mark.parametrize("name,kernel,absent", [("triton:fused-bwd", "prefix_attention_bwd_fused", "bwd_dq"),
+                                                ("triton:atomic-bwd", "prefix_attention_bwd_dkdv", "bwd_dq")])
+def test_triton_bwd_variant_methods_run_their_backward(monkeypatch, name, kernel, absent):
+    """`triton:fused-bwd` / `triton:atomic-bwd` time the triton op with PREFIX_KERNELS_TRITON_BWD=fused / atomic
+    (atomic: deterministic=False) around its forward and its backward (which reads the variable when it runs),
+    restore the environment after, and are skipped off CUDA."""
     import microbench
 
     if "triton" not in prefix_kernels.available_backends("cpu"):
@@ -264,11 +271,11 @@ def test_triton_fused_bwd_method_runs_the_fused_backward(monkeypatch):
 
     monkeypatch.setattr(launch, "_launch", recording)
     tensors = _inputs(dtype=torch.float32)
-    method = baselines.build(baselines.TRITON_FUSED_BWD, tensors, True)
+    method = baselines.build(name, tensors, True)
     _, call = microbench._calls(method, torch.randn(2, 4, 9, 16), "fwd+bwd")
     call()
-    assert "prefix_attention_bwd_fused" in names and "prefix_attention_bwd_dq" not in names, names
+    assert kernel in names and f"prefix_attention_{absent}" not in names, names
     assert launch.BWD_ENV not in os.environ
     assert all(t.grad is not None for t in tensors)
-    assert baselines.unavailable_reason(baselines.TRITON_FUSED_BWD, "cpu", torch.bfloat16) is not None
-    assert baselines.TRITON_FUSED_BWD in microbench.VERDICT_BASELINES
+    assert baselines.unavailable_reason(name, "cpu", torch.bfloat16) is not None
+    assert name in microbench.VERDICT_BASELINES

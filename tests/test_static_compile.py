@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from prefix_kernels.ops.triton.configs import (DECODE_MERGE_TILE, DECODE_TILES, DROPOUT_MASK_TILE,
-                                               DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
-                                               SM90_ONLY_TILES, TILE_CONFIGS)
+from prefix_kernels.ops.triton.configs import (ATOMIC_DQ_TILE_CONFIGS, DECODE_MERGE_TILE, DECODE_TILES,
+                                               DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
+                                               PREPROCESS_TILE, SM90_ONLY_TILES, TILE_CONFIGS)
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -71,6 +71,13 @@ def expected_rows() -> Counter:
                           f"sm_{arch}")] += 1
         for plain in PLAIN:
             rows[(*plain, f"sm_{arch}")] += 1
+        # The atomic backward's key-side kernels on their own tiles, features off and on.
+        for kernel, buckets in ATOMIC_DQ_TILE_CONFIGS.items():
+            for d_pad, tiles in buckets.items():
+                for bm, bn, w, s in tiles:
+                    for features in ("no", "yes"):
+                        rows[(kernel + " atomic-dq", "bf16", "yes", features, str(d_pad), str(bm), str(bn), str(w),
+                              str(s), f"sm_{arch}")] += 1
     return rows
 
 
@@ -181,3 +188,5 @@ def test_compile_check_plan_covers_every_tile_config():
     # The opt-in fused backward: 4 plain tiles on sm_80 (its 32 x 64 over 8 warps at D 64 is sm_90 only), 5 on
     # sm_90, and 6 feature tiles on each.
     assert sum(job.kernel == "bwd_fused" for job in jobs) == 4 + 5 + 6 + 6
+    # The atomic backward: bwd_dkdv's 6 tiles and bwd_dprefix's 3, features off and on, per arch.
+    assert sum(job.atomic_dq for job in jobs) == 2 * 2 * (6 + 3)

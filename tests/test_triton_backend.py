@@ -35,9 +35,12 @@ if "triton" in available_backends(DEVICE):
                         for bucket, tiles in buckets.items() for tile in tiles]
     SHIPPED_DROPOUT = [(kernel, bucket, tile) for kernel, buckets in configs.DROPOUT_TILE_CONFIGS.items()
                        for bucket, tiles in buckets.items() for tile in tiles]
-    ALL_TABLES = (configs.TILE_CONFIGS, configs.DROPOUT_TILE_CONFIGS, configs.FEATURE_TILE_CONFIGS)
+    SHIPPED_ATOMIC_DQ = [(kernel, bucket, tile) for kernel, buckets in configs.ATOMIC_DQ_TILE_CONFIGS.items()
+                         for bucket, tiles in buckets.items() for tile in tiles]
+    ALL_TABLES = (configs.TILE_CONFIGS, configs.DROPOUT_TILE_CONFIGS, configs.FEATURE_TILE_CONFIGS,
+                  configs.ATOMIC_DQ_TILE_CONFIGS)
 else:
-    SHIPPED = SHIPPED_FEATURES = SHIPPED_DROPOUT = []
+    SHIPPED = SHIPPED_FEATURES = SHIPPED_DROPOUT = SHIPPED_ATOMIC_DQ = []
     ALL_TABLES = ()
 
 
@@ -76,17 +79,45 @@ def regular_forward(monkeypatch) -> None:
 HEAD_DIM_OF_BUCKET = {64: 64, 128: 96, 256: 200}
 
 
+# How a backward kernel is launched: deterministic, with the atomic prefix reduction (deterministic=False), or by
+# the atomic backward (PREFIX_KERNELS_TRITON_BWD=atomic: ATOMIC_DQ on the key-side kernels, their own tiles).
+BWD_MODES = ["deterministic", "atomic-prefix", "atomic"]
+
+
+def set_mode(monkeypatch, mode: str) -> bool:
+    """Select `mode` (BWD_MODES); returns the call's `deterministic`."""
+    monkeypatch.setenv(launch.BWD_ENV, "atomic" if mode == "atomic" else "split")
+    return mode == "deterministic"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("kernel,bucket,tile,deterministic",
-                         [(k, b, t, d) for k, b, t in SHIPPED
-                          for d in ([True, False] if k == "bwd_dprefix" else [True])],
+@pytest.mark.parametrize("kernel,bucket,tile,mode",
+                         [(k, b, t, m) for k, b, t in SHIPPED for m in BWD_MODES[:2 if k == "bwd_dprefix" else 1]],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_every_shipped_tile_config(monkeypatch, kernel, bucket, tile, deterministic, dtype):
-    """Each entry of configs.TILE_CONFIGS, forced on its kernel, against the float64 oracle."""
+def test_every_shipped_tile_config(monkeypatch, kernel, bucket, tile, mode, dtype):
+    """Each entry of configs.TILE_CONFIGS, forced on its kernel (in each way it is launched), against the float64
+    oracle."""
     case = Case(B=2, Hq=4, Hkv=2, L=150, S=170, P=130, D=HEAD_DIM_OF_BUCKET[bucket], padding=True)
+    deterministic = set_mode(monkeypatch, mode)
     launched = force_tiles(monkeypatch, {kernel: tile})
     assert_matches_reference(case, dtype, "cuda", "triton", deterministic=deterministic)
+    assert launched == [(kernel, tile)], launched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
+@pytest.mark.parametrize("kernel,bucket,tile", SHIPPED_ATOMIC_DQ,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_every_shipped_atomic_dq_tile_config(monkeypatch, kernel, bucket, tile, features):
+    """Each entry of configs.ATOMIC_DQ_TILE_CONFIGS, forced on its kernel in the atomic backward, bf16, with the
+    features off (padding) and on (packed sequences with a prefix each, a window, softcap and sinks)."""
+    D = HEAD_DIM_OF_BUCKET[bucket]
+    case = (packed_case((150, 37, 170), Hq=4, Hkv=2, P=130, D=D, T=2, window=100, softcap=5.0, sinks=True)
+            if features else Case(B=2, Hq=4, Hkv=2, L=150, S=170, P=130, D=D, padding=True))
+    set_mode(monkeypatch, "atomic")
+    launched = force_tiles(monkeypatch, {kernel: tile})
+    assert_matches_reference(case, torch.bfloat16, "cuda", "triton", deterministic=False)
     assert launched == [(kernel, tile)], launched
 
 
@@ -120,15 +151,18 @@ SMALL_TILES = {"fwd": (16, 32, 4, 1), "bwd_dq": (32, 16, 4, 1), "bwd_dkdv": (32,
                "bwd_dprefix": (16, 32, 4, 1)}
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_forced_tiles_run_and_match_the_reference(monkeypatch, deterministic):
+@pytest.mark.parametrize("mode", BWD_MODES)
+def test_forced_tiles_run_and_match_the_reference(monkeypatch, mode):
     """The forcing mechanism of the test above, on tiles other than the pinned ones (the interpreter's is
-    16 x 16): every kernel really runs with the forced tile, and the result is still the oracle's."""
+    16 x 16): every kernel really runs with the forced tile, and the result is still the oracle's (the atomic
+    backward runs no bwd_dq)."""
     case = Case(B=1, Hq=2, Hkv=1, L=20, S=37, P=33, D=16, padding=True)
+    deterministic = set_mode(monkeypatch, mode)
     regular_forward(monkeypatch)
     launched = force_tiles(monkeypatch, SMALL_TILES)
     assert_matches_reference(case, torch.float32, DEVICE, "triton", deterministic=deterministic)
-    assert sorted(launched) == sorted(SMALL_TILES.items()), launched
+    expected = {k: t for k, t in SMALL_TILES.items() if not (mode == "atomic" and k == "bwd_dq")}
+    assert sorted(launched) == sorted(expected.items()), launched
 
 
 def test_tile_configs_are_well_formed():
@@ -183,6 +217,14 @@ def test_feature_launches_choose_among_the_feature_tiles(monkeypatch):
             for d_pad, bucket in ((32, 64), (128, 128), (256, 256)):
                 kept = autotuned.early_config_prune(offered, {}, D_PAD=d_pad, DROPOUT=True)
                 assert {configs._tile(c) for c in kept} == set(dropout_table[bucket]), (kernel, d_pad)
+            # The atomic backward's key-side kernels: their own tiles, with or without the features.
+            if kernel in configs.ATOMIC_DQ_TILE_CONFIGS:
+                for d_pad, bucket in ((32, 64), (128, 128), (256, 256)):
+                    for features in (False, True):
+                        kept = autotuned.early_config_prune(offered, {}, D_PAD=d_pad, DROPOUT=True, ATOMIC_DQ=True,
+                                                            **{flag: features})
+                        assert ({configs._tile(c) for c in kept}
+                                == set(configs.ATOMIC_DQ_TILE_CONFIGS[kernel][bucket])), (kernel, d_pad, features)
 
 
 def test_forward_tiles_differ_with_dropout():
@@ -504,3 +546,35 @@ def test_packed_sequences_never_read_each_other(monkeypatch, tiles):
     _assert_close(grads["q"][:, :, others], want_grads["q"][:, :, others], "q")
     for name in ("k", "v"):
         _assert_close(grads[name][:, :, others], want_grads[name][:, :, others], name)
+
+
+def _spread_heads(heads: int, L: int, D: int, head_stride: int) -> torch.Tensor:
+    """A [1, heads, L, D] view whose heads lie head_stride elements apart, on a storage that is never touched
+    (the allocator reserves it lazily: gigabytes of address space, a few pages of memory)."""
+    storage = torch.empty((heads - 1) * head_stride + L * D, dtype=torch.float16, device=DEVICE)
+    view = storage.as_strided((1, heads, L, D), (heads * head_stride, head_stride, D, 1))
+    view.normal_()  # only the view's own elements
+    return view
+
+
+@pytest.mark.parametrize("tensor", ["q", "k"])
+def test_head_offsets_past_int32_are_refused(monkeypatch, tensor):
+    """The kernels add head offsets in int32 (launch.check_head_offsets): a tensor whose heads lie 2**30 elements
+    apart (3 heads: offsets up to 2**31) is refused, by name, before any launch; 2**30 - 1 apart is not."""
+    regular_forward(monkeypatch)
+    names = []
+    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **k: names.append(kernel))
+    shapes = {"q": (3, 70, 16), "k": (3, 40, 16)}
+    data = {name: torch.randn(1, *shape, dtype=torch.float16, device=DEVICE) for name, shape in shapes.items()}
+    data["v"] = data["k"].clone()
+    data[tensor] = _spread_heads(*shapes[tensor], head_stride=2**30)
+    pk = torch.randn(3, 5, 16, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=f"int32: {tensor} has 3 heads 1073741824 elements apart, past 2\\*\\*31"):
+        prefix_attention(data["q"], data["k"], data["v"], pk, pk.clone(), backend="triton")
+    assert names == []
+    # Shapes and strides only (meta tensors): a bank of 2 prefixes 2**31 - 100 apart, and heads 2**30 - 1 apart.
+    with pytest.raises(ValueError, match="prefix offsets in int32: prefix_k"):
+        launch.check_head_offsets({}, {"prefix_k": torch.empty_strided((2, 3, 5, 16), (2**31 - 100, 80, 16, 1),
+                                                                       device="meta")})
+    launch.check_head_offsets({tensor: torch.empty_strided((1, 3, 70, 16), (0, 2**30 - 1, 16, 1), device="meta")},
+                              {})

@@ -1,22 +1,22 @@
-"""Static GPU-compile check of the Triton kernels: registers, spills and shared memory without a GPU.
-
-Every shipped kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
-for sm_80 and sm_90, for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the
-"full-feature" specialization (causal, key padding mask, several prefixes, dropout; the forward without dropout
-on its plain tiles, with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128, and with dropout on the tiles
-of `configs.DROPOUT_TILE_CONFIGS`), and for every tile config of
-`configs.FEATURE_TILE_CONFIGS` the attention kernels (the opt-in `bwd_fused` too) with every optional feature
-on (FEATURES: window, softcap, sinks, packed sequences with a prefix per sequence; no key padding mask, which
-packed sequences exclude). The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward
-(`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one per BLOCK_M) with FEATURES off (a
-decode step, L = 1: causal, key padding mask, several prefixes, the keys split; with --fp32 also in fp32 with
-"ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one split, so out and lse are
-stored directly), and its merge kernel at `configs.DECODE_MERGE_TILE`. The argument types and the integer
-specializations (divisibility by 16, strides equal to 1 as constants, none for the arguments a kernel lists in
-`do_not_specialize`, such as the dropout seed) are those of a launch from `launch.py` on contiguous tensors.
-Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared memory ptxas
-reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a
-second ptxas run on the PTX when the kernel came from Triton's cache), read by tools/ptxas.py.
+"""Static GPU-compile check of the Triton kernels: registers, spills and shared memory without a GPU. Every shipped
+kernel is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` for sm_80 and sm_90,
+for every tile config of `configs.TILE_CONFIGS` and every head-dim bucket, in the "full-feature" specialization
+(causal, key padding mask, several prefixes, dropout; the forward without dropout on its plain tiles, with --fp32
+also in fp32 with "ieee" dots for D_PAD <= 128, and with dropout on the tiles of `configs.DROPOUT_TILE_CONFIGS`),
+and for every tile config of `configs.FEATURE_TILE_CONFIGS` the attention kernels (the opt-in `bwd_fused` too) with
+every optional feature on (FEATURES: window, softcap, sinks, packed sequences with a prefix per sequence; no key
+padding mask, which packed sequences exclude). `bwd_dkdv` and `bwd_dprefix` also compile the tiles of
+`configs.ATOMIC_DQ_TILE_CONFIGS` as the opt-in atomic backward launches them (`atomic-dq` rows: ATOMIC_DQ, and for
+`bwd_dprefix` its atomic prefix reduction), with FEATURES off and on. The tiles of `configs.SM90_ONLY_TILES`
+compile for sm_90 only. The decode forward (`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one
+per BLOCK_M) with FEATURES off (a decode step, L = 1: causal, key padding mask, several prefixes, the keys split;
+with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one
+split, so out and lse are stored directly), and its merge kernel at `configs.DECODE_MERGE_TILE`. The argument types
+and the integer specializations (divisibility by 16, strides equal to 1 as constants, none for the arguments a
+kernel lists in `do_not_specialize`, such as the dropout seed) are those of a launch from `launch.py` on contiguous
+tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared memory
+ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a second ptxas run
+on the PTX when the kernel came from Triton's cache), read by tools/ptxas.py.
 
     python tools/triton_compile_check.py [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
 
@@ -69,6 +69,12 @@ class Job:
     num_stages: int
     arch: int
     features: bool = False  # WINDOW, SOFTCAP, SINKS (forward), PACKED on; HAS_KPM off (fwd_decode: see above)
+    atomic_dq: bool = False  # bwd_dkdv / bwd_dprefix of the atomic backward (ATOMIC_DQ; bwd_dprefix: ATOMIC too)
+
+    @property
+    def name(self) -> str:
+        """The table's kernel cell."""
+        return self.kernel + (" atomic-dq" if self.atomic_dq else "")
 
     @property
     def function(self) -> str:
@@ -95,7 +101,8 @@ class Row:
 
 def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[Job]:
     """Every (kernel, variant, tile, arch) the check compiles; `tests/test_static_compile.py` counts these."""
-    from prefix_kernels.ops.triton.configs import (DECODE_MERGE_TILE, DECODE_TILES, DROPOUT_MASK_TILE,
+    from prefix_kernels.ops.triton.configs import (ATOMIC_DQ_TILE_CONFIGS, DECODE_MERGE_TILE, DECODE_TILES,
+                                                   DROPOUT_MASK_TILE,
                                                    DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
                                                    TILE_CONFIGS, tiles_for_arch)
 
@@ -122,6 +129,14 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
             for d_pad, tiles in sorted(buckets.items()):
                 for bm, bn, w, s in tiles[:1] if quick else tiles:
                     jobs.append(Job(kernel, "bf16", True, d_pad, bm, bn, w, s, arch, features=True))
+        # The key-side kernels as the atomic backward launches them (dq's atomics on top), on their own tiles,
+        # with the features off and on.
+        for kernel, buckets in ATOMIC_DQ_TILE_CONFIGS.items():
+            for d_pad, tiles in sorted(buckets.items()):
+                for bm, bn, w, s in tiles[:1] if quick else tiles:
+                    for features in (False, True):
+                        jobs.append(Job(kernel, "bf16", True, d_pad, bm, bn, w, s, arch, features=features,
+                                        atomic_dq=True))
         for d_pad, tiles in sorted(DECODE_TILES.items()):
             for bm, bn, w, s in tiles[-1:] if quick else tiles:
                 for features in (False, True):
@@ -219,7 +234,8 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
         args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), do=("bhld", q_s),
                             dk=("bhsd", kv_s), dv=("bhsd", kv_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, Hkv=HKV, L=L, S=S, P=P, **features, **scalars, **buckets)
-        consts = dict(CAUSAL=True, HAS_KPM=kpm, **flags, **common)
+        args.update(DQ=t(torch.float32))
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, ATOMIC_DQ=job.atomic_dq, **flags, **common)
     elif job.kernel == "bwd_fused":
         args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
                     CU_SEQLENS=t(torch.int32), DO=t(), LSE=t(torch.float32), DELTA=t(torch.float32), DQ=t(), DK=t(),
@@ -231,11 +247,12 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
         consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, DQ_ON=True, DKDV_ON=True, **flags, **common)
     elif job.kernel == "bwd_dprefix":
         args = dict(Q=t(), PK=t(), PV=t(), PIDX=t(torch.int64), DO=t(), LSE=t(torch.float32),
-                    DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32))
+                    DELTA=t(torch.float32), DPK=t(torch.float32), DPV=t(torch.float32), DQ=t(torch.float32))
         args.update(strides(q=("bhld", q_s), pk=("thpd", p_s), pv=("thpd", p_s), do=("bhld", q_s)))
         args.update(B=B, Hq=HQ, Hkv=HKV, L=L, S=S, P=P, T=T, n_splits=7, softcap=features["softcap"], **scalars,
                     **buckets)
-        consts = dict(MULTI_PREFIX=True, ATOMIC=False, SOFTCAP=on, PACKED=on, **common)
+        consts = dict(MULTI_PREFIX=True, ATOMIC=job.atomic_dq, ATOMIC_DQ=job.atomic_dq, SOFTCAP=on, PACKED=on,
+                      **common)
     elif job.kernel == "bwd_preprocess":
         args = dict(OUT=t(), DO=t(), DELTA=t(torch.float32))
         args.update(strides(o=("bhld", q_s), do=("bhld", q_s)))
@@ -385,7 +402,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         j = r.job
         ok = "yes" if r.ok else "NO: " + ", ".join(r.problems)
-        cells = [j.kernel, j.dtype, "yes" if j.dropout else "no", "yes" if j.features else "no", _cell(j.d_pad),
+        cells = [j.name, j.dtype, "yes" if j.dropout else "no", "yes" if j.features else "no", _cell(j.d_pad),
                  j.block_m, _cell(j.block_n), j.num_warps, j.num_stages, f"sm_{j.arch}", _cell(r.registers),
                  _cell(r.spill_stores), _cell(r.spill_loads), _cell(r.smem), ok]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -393,8 +410,8 @@ def table(rows: list[Row]) -> str:
 
 
 def _order(job: Job):
-    return (KERNEL_ORDER.index(job.kernel), job.features, job.dtype != "bf16", not job.dropout, job.d_pad or 0,
-            job.arch)
+    return (KERNEL_ORDER.index(job.kernel), job.atomic_dq, job.features, job.dtype != "bf16", not job.dropout,
+            job.d_pad or 0, job.arch)
 
 
 def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tuple[list[Row], float]:
@@ -407,7 +424,7 @@ def run_check(archs=DEFAULT_ARCHS, quick=False, fp32=False, jobs: int = 2) -> tu
     def progress(row: Row):
         rows.append(row)
         status = "ok" if row.ok else ", ".join(row.problems)
-        print(f"[{len(rows)}/{len(todo)} {time.perf_counter() - start:.0f}s] {row.job.kernel} {row.job.dtype} "
+        print(f"[{len(rows)}/{len(todo)} {time.perf_counter() - start:.0f}s] {row.job.name} {row.job.dtype} "
               f"drop={row.job.dropout} feat={row.job.features} D={row.job.d_pad} {row.job.block_m}x{row.job.block_n} "
               f"w{row.job.num_warps} "
               f"s{row.job.num_stages} sm_{row.job.arch}: regs={row.registers} spill={row.spill_stores}/"
@@ -454,7 +471,8 @@ def main(argv=None) -> int:
             f"without dropout{', also in fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}"
             f", its DROPOUT_TILE_CONFIGS with dropout); the tiles of SM90_ONLY_TILES on sm_90 only; "
             f"FEATURES = yes: window, softcap, sinks and packed sequences (with a prefix each), no padding mask; "
-            f"deterministic prefix reduction; "
+            f"deterministic prefix reduction, except the `atomic-dq` rows (the atomic backward: ATOMIC_DQ, and "
+            f"bwd_dprefix's ATOMIC); "
             f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD; fwd_decode: L = {DECODE_L} "
             f"with {DECODE_SPLITS} splits (FEATURES = no) or L = {DECODE_FEATURES_L}, one split, window, softcap and "
             f"sinks with the padding mask (FEATURES = yes). "

@@ -51,7 +51,8 @@ def prefix_attention(
         backend: "triton", "cuda", "cpu", "reference", a `Backend` record from `resolve_backend`, or None
             (fastest available; the environment variable PREFIX_KERNELS_BACKEND overrides the default).
         deterministic: prefix gradients are summed over the batch in a fixed order (default). False lets
-            the triton backend use fp32 atomics, faster with few prefix blocks but not bitwise repeatable.
+            the triton backend use fp32 atomics, faster with few prefix blocks but not bitwise repeatable (for
+            dq too under PREFIX_KERNELS_TRITON_BWD=atomic, which refuses deterministic=True).
         check_prefix_index: check that the values of `prefix_index` lie in [0, T) (one device sync). A
             caller that checked them once for many calls (the transformers integration) passes False.
         check_cu_seqlens: check that cu_seqlens starts at 0, ends at S and never decreases (one device sync).

@@ -1,14 +1,15 @@
 """Tile configurations of the Triton kernels, and the autotuner that chooses among them.
 
-`TILE_CONFIGS[kernel][D_PAD]` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); `DROPOUT_TILE_CONFIGS` those of
-a launch with dropout for the kernels whose plain tiles are too heavy for Philox's registers (the forward);
+`TILE_CONFIGS[kernel][D_PAD]` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); `DROPOUT_TILE_CONFIGS` those of a
+launch with dropout for the kernels whose plain tiles are too heavy for Philox's registers (the forward);
 `FEATURE_TILE_CONFIGS` those of a launch that uses any optional feature (window, softcap, sinks, packed
-sequences), whose extra state makes some plain tiles spill. Every entry shipped here compiles for sm_80 and
-sm_90 without register spills and within shared memory (checked in CI by `tools/triton_compile_check.py`, the
-feature tiles with every feature and dropout on). Under pytest and the Triton interpreter one config is pinned
-so that tests do not spend their time tuning (the pattern of Triton's fused-attention tutorial); the
-interpreter runs a small tile unless `shipped_tiles()` (or PREFIX_KERNELS_INTERPRETER_TILES=shipped) asks for
-the shipped ones. docs/kernels.md describes the tables.
+sequences), whose extra state makes some plain tiles spill; `ATOMIC_DQ_TILE_CONFIGS` those of the key-side kernels
+in the opt-in atomic backward. Every entry shipped here compiles for sm_80 and sm_90 without register spills and
+within shared memory (checked in CI by `tools/triton_compile_check.py`, the feature tiles with every feature and
+dropout on). Under pytest and the Triton interpreter one config is pinned so that tests do not spend their time
+tuning (the pattern of Triton's fused-attention tutorial); the interpreter runs a small tile unless
+`shipped_tiles()` (or PREFIX_KERNELS_INTERPRETER_TILES=shipped) asks for the shipped ones. docs/kernels.md
+describes the tables.
 """
 
 from __future__ import annotations
@@ -102,6 +103,22 @@ FEATURE_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
 }
+# The key-side kernels as the opt-in atomic backward launches them (ATOMIC_DQ: dq's fifth tile product and its fp32
+# atomics on top of dK, dV), with or without the features: their plain tiles at D 128 and 256 spill there (up to
+# 1000 spill stores), these do not, with dropout and with every feature on, on sm_80 and sm_90, under Triton 3.9 and
+# 3.6 (16 x 32 over 4 warps at D 128 spills on sm_90 under 3.6 only).
+ATOMIC_DQ_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "bwd_dkdv": {
+        64: [(32, 32, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 32, 8, 2), (16, 64, 8, 2)],
+        256: [(16, 32, 8, 2), (16, 32, 8, 1)],
+    },
+    "bwd_dprefix": {
+        64: [(32, 64, 8, 2)],
+        128: [(32, 32, 8, 2)],
+        256: [(16, 16, 8, 2)],
+    },
+}
 INTERPRETER_TILE = (16, 16, 4, 1)
 # The plain (not autotuned) kernels on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages). The dropout-mask
 # kernel (a test helper) spills at 64 x 64 with 4 warps: Philox needs many registers per element.
@@ -132,8 +149,9 @@ PREFIX_AUTOTUNE_KEY = ["L_BUCKET", "P_BUCKET", "GROUP", "D_PAD", "DROPOUT", "ATO
 FEATURE_KEYS = {"fwd": ["WINDOW", "SOFTCAP", "SINKS", "PACKED"], "bwd_dq": ["WINDOW", "SOFTCAP", "PACKED"],
                 "bwd_dkdv": ["WINDOW", "SOFTCAP", "PACKED"], "bwd_fused": ["WINDOW", "SOFTCAP", "PACKED"],
                 "bwd_dprefix": ["SOFTCAP", "PACKED"]}
-# Further autotune keys: which parts of the fused backward run (the gradients autograd wants).
-EXTRA_KEYS = {"bwd_fused": ["DQ_ON", "DKDV_ON"]}
+# Further autotune keys: which parts of the fused backward run (the gradients autograd wants); whether the key-side
+# kernels add dq with atomics (the atomic backward's fifth tile product).
+EXTRA_KEYS = {"bwd_fused": ["DQ_ON", "DKDV_ON"], "bwd_dkdv": ["ATOMIC_DQ"], "bwd_dprefix": ["ATOMIC_DQ"]}
 
 
 def head_dim_bucket(d_pad: int) -> int:
@@ -170,8 +188,12 @@ def shipped_tiles() -> Iterator[None]:
         _shipped_in_interpreter = previous
 
 
-def tile_table(kernel: str, features: bool = False, dropout: bool = False) -> dict[int, list[tuple]]:
-    """The table a launch chooses its tiles from: features first, then dropout, then the plain tiles."""
+def tile_table(kernel: str, features: bool = False, dropout: bool = False,
+               atomic_dq: bool = False) -> dict[int, list[tuple]]:
+    """The table a launch chooses its tiles from: the atomic backward's first, then features, then dropout, then
+    the plain tiles."""
+    if atomic_dq and kernel in ATOMIC_DQ_TILE_CONFIGS:
+        return ATOMIC_DQ_TILE_CONFIGS[kernel]
     if features:
         return FEATURE_TILE_CONFIGS[kernel]
     if dropout and kernel in DROPOUT_TILE_CONFIGS:
@@ -191,7 +213,8 @@ def interpreter_shipped_tile(kernel, kwargs: dict) -> Optional[tuple[int, int, i
     name = getattr(getattr(kernel, "fn", None), "__name__", "").removeprefix("prefix_attention_")
     if name not in FEATURE_KEYS:
         return None
-    table = tile_table(name, _uses_features(name, kwargs), bool(kwargs.get("DROPOUT", False)))
+    table = tile_table(name, _uses_features(name, kwargs), bool(kwargs.get("DROPOUT", False)),
+                       bool(kwargs.get("ATOMIC_DQ", False)))
     return table[head_dim_bucket(kwargs["D_PAD"])][0]
 
 
@@ -234,11 +257,11 @@ def tiles_for_arch(kernel: str, bucket: int, tiles: list[tuple], arch: Optional[
 
 
 def configs_for(kernel: str, d_pad: int, features: bool = False, dropout: bool = False,
-                arch: Optional[int] = None) -> list[triton.Config]:
+                arch: Optional[int] = None, atomic_dq: bool = False) -> list[triton.Config]:
     if interpreting():
         return [_config(INTERPRETER_TILE)]
     bucket = head_dim_bucket(d_pad)
-    tiles = tile_table(kernel, features, dropout)[bucket]
+    tiles = tile_table(kernel, features, dropout, atomic_dq)[bucket]
     if tiles is TILE_CONFIGS[kernel][bucket]:
         tiles = tiles_for_arch(kernel, bucket, tiles, arch)
     return [_config(tiles[0])] if pinned() else [_config(t) for t in tiles]
@@ -250,7 +273,7 @@ def all_configs(kernel: str) -> list[triton.Config]:
     if interpreting():
         return [_config(INTERPRETER_TILE)]
     seen: dict[tuple, triton.Config] = {}
-    for table in (TILE_CONFIGS, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS):
+    for table in (TILE_CONFIGS, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, ATOMIC_DQ_TILE_CONFIGS):
         for tiles in table.get(kernel, {}).values():
             for tile in tiles:
                 seen.setdefault(tile, _config(tile))
@@ -282,12 +305,14 @@ def autotuned_kernel(kernel: str):
         args = {**named_args, **kwargs}
         features = _uses_features(kernel, args)
         wanted = {_tile(c) for c in configs_for(kernel, args.get("D_PAD"), features, bool(args.get("DROPOUT")),
-                                                device_arch())}
+                                                device_arch(), bool(args.get("ATOMIC_DQ")))}
         kept = [c for c in configs if _tile(c) in wanted]
         return prune_by_size(kernel, kept, args.get(SIZE_PRUNE[kernel][1]))
 
     key = ((PREFIX_AUTOTUNE_KEY if kernel == "bwd_dprefix" else AUTOTUNE_KEY) + FEATURE_KEYS[kernel]
            + EXTRA_KEYS.get(kernel, []))
     reset = ["DPK", "DPV"] if kernel == "bwd_dprefix" else None
+    # DQ already holds the other kernel's share of the atomic backward's dq: trial runs must not add to it.
+    restore = ["DQ"] if kernel in ("bwd_dkdv", "bwd_dprefix") else None
     return triton.autotune(configs=all_configs(kernel), key=key, prune_configs_by={"early_config_prune": prune},
-                           reset_to_zero=reset)
+                           reset_to_zero=reset, restore_value=restore)

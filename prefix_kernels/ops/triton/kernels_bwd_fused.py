@@ -72,8 +72,8 @@ def _fused_dkdv(Q, K, V, KPM, CU_SEQLENS, DO, LSE, DELTA, DK, DV, pid, b, hkv,
                 visible_t = col_valid[:, None] & row_valid[None, :]
                 visible_t = _in_view(visible_t, offs_m[None, :], cols[:, None], Ss - Ls, window, CAUSAL, WINDOW)
                 row_offset = (lse_row + offs_m) * (P + S)
-                dk, dv = _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, softcap, seed,
-                                     row_offset, P + first + cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
+                dk, dv, _ds_t = _dkdv_block(dk, dv, k, v, q, do, lse2, delta, visible_t, scale_log2, softcap, seed,
+                                            row_offset, P + first + cols, dropout_p, SOFTCAP, DROPOUT, DOT_PRECISION)
         dk = dk * (scale_log2 * LN2)
         d_mask = (cols[:, None] < Ss) & (offs_d[None, :] < D)
         dk_base = DK + b * stride_dkb + hkv * stride_dkh + col0 * stride_dks

@@ -40,16 +40,21 @@ MAX_PREFIX_SPLITS = 32
 MIN_DECODE_SPLIT_BLOCKS = 4
 MAX_DECODE_SPLITS = 64
 DECODE_SPLITS_ENV = "PREFIX_KERNELS_DECODE_SPLITS"
-# Which kernels compute dq, dK and dV (docs/kernels.md "The fused backward"): "split" (bwd_dq + bwd_dkdv, the
-# default) or "fused" (one launch, opt-in until a GPU has timed both). Read at every backward.
+# Which kernels compute dq, dK and dV (docs/kernels.md "The fused backward", "The atomic backward"): "split"
+# (bwd_dq + bwd_dkdv, the default), "fused" (one launch) or "atomic" (FlashAttention-2's: bwd_dkdv and bwd_dprefix
+# add dq with fp32 atomics, no bwd_dq; deterministic=False calls only). The last two are opt-in until a GPU has
+# timed all three. Read at every backward.
 BWD_ENV = "PREFIX_KERNELS_TRITON_BWD"
-BWD_MODES = ("split", "fused")
+BWD_MODES = ("split", "fused", "atomic")
 
 
-def bwd_mode() -> str:
+def bwd_mode(deterministic: bool = True) -> str:
     mode = os.environ.get(BWD_ENV, "") or "split"
     if mode not in BWD_MODES:
         raise ValueError(f"{BWD_ENV}={mode!r}: expected one of {', '.join(BWD_MODES)} (or unset, = split)")
+    if mode == "atomic" and deterministic:
+        raise ValueError(f"{BWD_ENV}=atomic adds dq with fp32 atomics, whose order varies from run to run: it "
+                         f"needs deterministic=False (or {BWD_ENV}=split or fused for a deterministic backward)")
     return mode
 
 
@@ -60,6 +65,29 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 def _prefix_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     # A single [Hkv, P, D] prefix reads as T = 1 with a zero prefix stride.
     return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
+
+
+# The kernels add the head (and prefix) part of an offset in int32: the batch row and the row-times-stride parts are
+# int64 (docs/kernels.md). Casting the head to int64 as well pushes tiles at 255 registers into spills, and the
+# head offsets of the layouts callers use are small (a [B, L, H, D] buffer seen as [B, H, L, D] has head stride D),
+# so a tensor whose head offsets reach 2**31 elements is refused before any launch instead.
+INT32_OFFSETS = 2**31
+
+
+def check_head_offsets(tensors: dict, prefixes: dict) -> None:
+    """ValueError naming the tensor if (heads - 1) x head stride of a [B, H, L, D] tensor, or the largest
+    (prefix, head) offset of a [T, Hkv, P, D] / [Hkv, P, D] prefix, reaches 2**31 elements."""
+    for name, t in tensors.items():
+        if (t.shape[1] - 1) * t.stride(1) >= INT32_OFFSETS:
+            raise ValueError(
+                f"the triton backend adds head offsets in int32: {name} has {t.shape[1]} heads {t.stride(1)} "
+                f"elements apart, past 2**31; pass it in the [B, L, H, D] layout (a transpose(1, 2) view of a "
+                f"contiguous [B, L, H, D] tensor, head stride D) or use another backend")
+    for name, t in prefixes.items():
+        lead = sum((size - 1) * stride for size, stride in zip(t.shape[:-2], t.stride()[:-2]))
+        if lead >= INT32_OFFSETS:
+            raise ValueError(f"the triton backend adds prefix offsets in int32: {name} {tuple(t.shape)} with "
+                             f"strides {t.stride()} reaches 2**31 elements before its last prefix's rows")
 
 
 def _mask_args(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor):
@@ -152,12 +180,16 @@ def triton_fwd(
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
     out = torch.empty_like(q)
+    decode = takes_decode_path(L, Hq // Hkv, dropout_p, cu_seqlens)
+    # The decode kernel's sequence-side head offsets are int64 (a long KV cache): only its prefixes are checked.
+    check_head_offsets({} if decode else {"q": q, "k": k, "v": v, "the output (laid out as q)": out},
+                       {"prefix_k": prefix_k, "prefix_v": prefix_v})
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     kpm, kpm_strides, has_kpm = _mask_args(key_padding_mask, q)
     pidx = q if prefix_index is None else prefix_index
     consts = _common_constexprs(q, Hkv, causal, dropout_p)
     (cu, sink_logits, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, sinks, window, softcap)
-    if takes_decode_path(L, consts["GROUP"], dropout_p, cu_seqlens):
+    if decode:
         _decode_fwd(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, prefix_index is not None,
                     sink_logits, out, lse, window, softcap, scale * LOG2E, flags, consts)
         return out, lse
@@ -270,6 +302,9 @@ def triton_bwd(
     # The sinks reach the backward through lse only (docs/op.md): the kernels below take no SINKS.
     (cu, _, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, None, window, softcap)
     flags.pop("SINKS")
+    mode = bwd_mode(deterministic)  # before any launch: a bad or conflicting mode raises here
+    check_head_offsets({"q": q, "k": k, "v": v, "out": out, "grad_out": grad_out},
+                       {"prefix_k": prefix_k, "prefix_v": prefix_v})
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block, _, pre_warps, pre_stages = plain_tile(PREPROCESS_TILE)
@@ -280,28 +315,40 @@ def triton_bwd(
     )
 
     want_dq, want_dkdv, want_dprefix = (bool(w) for w in output_mask)
+    atomic_dq = mode == "atomic" and want_dq
     dq = torch.empty_like(q) if want_dq else q.new_empty((0,))
-    dk = torch.empty_like(k) if want_dkdv else k.new_empty((0,))
-    dv = torch.empty_like(v) if want_dkdv else v.new_empty((0,))
+    # The atomic backward's dq comes out of bwd_dkdv (and bwd_dprefix): dK, dV are computed even when unwanted.
+    dk = torch.empty_like(k) if want_dkdv or atomic_dq else k.new_empty((0,))
+    dv = torch.empty_like(v) if want_dkdv or atomic_dq else v.new_empty((0,))
+    # The fp32 sum the atomic backward adds dq into; a one-element placeholder otherwise (never written; the
+    # autotuner saves and restores it around its trial runs, as it does a real one).
+    dq_acc = q.new_zeros((B, Hq, L, D) if atomic_dq else (1,), dtype=torch.float32)
     sizes = (Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, buckets)
     seq_args = (q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, cu, grad_out, lse, delta)
-    if bwd_mode() == "fused":
+    if mode == "fused":
         _fused_seq_gradients(*seq_args, dq, dk, dv, want_dq, want_dkdv and S > 0, B, multi, sizes, flags, consts)
     else:
-        _split_seq_gradients(*seq_args, dq, dk, dv, want_dq, want_dkdv and S > 0, B, multi, sizes, flags, consts)
+        _split_seq_gradients(*seq_args, dq, dk, dv, want_dq and not atomic_dq, (want_dkdv or atomic_dq) and S > 0,
+                             dq_acc, atomic_dq, B, multi, sizes, flags, consts)
 
-    if not want_dprefix:
-        return dq, dk, dv, prefix_k.new_empty((0,)), prefix_v.new_empty((0,))
-    if multi and cu_seqlens is not None:
-        pidx = _prefix_of_each_row(prefix_index, cu_seqlens, L)
-    prefix_consts = dict(consts, SOFTCAP=flags["SOFTCAP"], PACKED=flags["PACKED"] and multi)
-    return (dq, dk, dv, *_prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S,
-                                           softcap, scale_log2, dropout_p, seed, buckets, deterministic,
-                                           prefix_consts))
+    dprefix = (prefix_k.new_empty((0,)), prefix_v.new_empty((0,)))
+    if want_dprefix or (atomic_dq and P > 0):
+        if multi and cu_seqlens is not None:
+            pidx = _prefix_of_each_row(prefix_index, cu_seqlens, L)
+        prefix_consts = dict(consts, SOFTCAP=flags["SOFTCAP"], PACKED=flags["PACKED"] and multi)
+        grads = _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S, softcap,
+                                  scale_log2, dropout_p, seed, buckets, deterministic, dq_acc, atomic_dq,
+                                  prefix_consts)
+        if want_dprefix:
+            dprefix = grads
+    if atomic_dq:
+        dq.copy_(dq_acc)  # in q's dtype and layout
+    return (dq, dk if want_dkdv else k.new_empty((0,)), dv if want_dkdv else v.new_empty((0,)), *dprefix)
 
 
 def _split_seq_gradients(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm, pidx, cu, grad_out, lse, delta,
-                         dq, dk, dv, dq_on, dkdv_on, B, multi, sizes, flags, consts) -> None:
+                         dq, dk, dv, dq_on, dkdv_on, dq_acc, atomic_dq, B, multi, sizes, flags, consts) -> None:
+    """bwd_dq (dq_on) and bwd_dkdv (dkdv_on); with atomic_dq, bwd_dkdv also adds dq into dq_acc."""
     Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, buckets = sizes
     if dq_on:
         _launch(
@@ -315,11 +362,11 @@ def _split_seq_gradients(q, k, v, prefix_k, prefix_v, kpm, kpm_strides, has_kpm,
     if dkdv_on:
         _launch(
             prefix_attention_bwd_dkdv, lambda meta: _grid(S, meta["BLOCK_N"], B * Hkv, flags, n_seqs),
-            q, k, v, kpm, cu, grad_out, lse, delta, dk, dv,
+            q, k, v, kpm, cu, grad_out, lse, delta, dk, dv, dq_acc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             *kpm_strides,
             Hq, Hkv, L, S, P, n_seqs, window, softcap, scale_log2, dropout_p, seed, *buckets, HAS_KPM=has_kpm,
-            **flags, **consts,
+            ATOMIC_DQ=atomic_dq, **flags, **consts,
         )
 
 
@@ -356,7 +403,8 @@ def _prefix_of_each_row(prefix_index: torch.Tensor, cu_seqlens: torch.Tensor, L:
 
 
 def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, T, P, S, softcap, scale_log2,
-                      dropout_p, seed, buckets, deterministic, consts):
+                      dropout_p, seed, buckets, deterministic, dq_acc, atomic_dq, consts):
+    """dPK, dPV; with atomic_dq, bwd_dprefix also adds the prefix keys' share of dq into dq_acc."""
     B, Hq, L, D = q.shape
     Hkv = prefix_k.shape[-3]
     if P == 0:
@@ -369,15 +417,17 @@ def _prefix_gradients(q, prefix_k, prefix_v, pidx, grad_out, lse, delta, multi, 
     consts = {name: value for name, value in consts.items() if name != "CAUSAL"}  # every query sees the prefix
     _launch(
         prefix_attention_bwd_dprefix, lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), T * Hkv, n_splits),
-        q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc,
+        q, prefix_k, prefix_v, pidx, grad_out, lse, delta, dpk_acc, dpv_acc, dq_acc,
         *_strides(q), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *_strides(grad_out),
         B, Hq, Hkv, L, S, P, T, n_splits, softcap, scale_log2, dropout_p, seed, *buckets,
-        MULTI_PREFIX=multi, ATOMIC=not deterministic, **consts,
+        MULTI_PREFIX=multi, ATOMIC=not deterministic, ATOMIC_DQ=atomic_dq, **consts,
     )
-    # Summing the chunk slices in index order keeps the reduction deterministic.
-    dpk = dpk_acc.sum(0).to(prefix_k.dtype).reshape(prefix_k.shape)
-    dpv = dpv_acc.sum(0).to(prefix_v.dtype).reshape(prefix_v.shape)
-    return dpk, dpv
+    # Summing the chunk slices in index order keeps the reduction deterministic; one slice needs no sum.
+    if slots == 1:
+        dpk_acc, dpv_acc = dpk_acc[0], dpv_acc[0]
+    else:
+        dpk_acc, dpv_acc = dpk_acc.sum(0), dpv_acc.sum(0)
+    return dpk_acc.to(prefix_k.dtype).reshape(prefix_k.shape), dpv_acc.to(prefix_v.dtype).reshape(prefix_v.shape)
 
 
 def triton_dropout_mask(B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, seed: int,
