@@ -525,3 +525,17 @@ def test_configs_without_a_window_in_use_wrap():
         pm = pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=2))
         ids = tokens(2, 5) % 60 + 3
         assert torch.isfinite(pm(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("mode,words", [("atomic", "PREFIX_KERNELS_TRITON_BWD=atomic adds dq with fp32 atomics"),
+                                        ("fusedd", "PREFIX_KERNELS_TRITON_BWD='fusedd': expected one of")])
+def test_backward_mode_the_model_cannot_honour(monkeypatch, mode, words):
+    """The wrapped model's attention is deterministic, so the atomic backward (and an unknown mode) is refused
+    when the model is wrapped, not at its first backward; the model is untouched."""
+    monkeypatch.setenv("PREFIX_KERNELS_TRITON_BWD", mode)
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError) as e:
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3))
+    assert "get_prefix_model cannot honour the environment" in str(e.value) and words in str(e.value)
+    assert_untouched(model, attn)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..ops import Backend, resolve_backend
-from ..ops.backends import unavailable_reason
+from ..ops.backends import triton_bwd_mode, unavailable_reason
 from ..transformers.attention import ATTN_IMPLEMENTATION, LayerBinding
 from ..transformers import compat, families
 from ..transformers.families import ModelLayout, default_heads, detect, task_type_of
@@ -193,6 +193,11 @@ def check_model(model: nn.Module, config: PrefixTuningConfig,
         reason = unavailable_reason(config.backend, model_device(model))
         if reason is not None:
             raise ValueError(f"backend {config.backend!r} cannot run this model: {reason}")
+    try:
+        # The wrapped model's attention calls are deterministic: the atomic backward could never run for them.
+        triton_bwd_mode(deterministic=True)
+    except ValueError as e:
+        raise ValueError(f"get_prefix_model cannot honour the environment: {e}") from None
     return layout, heads
 
 

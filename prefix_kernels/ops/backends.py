@@ -28,6 +28,26 @@ BACKENDS = library.BACKEND_NAMES
 # Preference order per device type.
 _PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "PREFIX_KERNELS_BACKEND"
+# Which kernels the triton backend's backward runs (docs/kernels.md "The fused backward", "The atomic backward"):
+# "split" (bwd_dq + bwd_dkdv, the default), "fused" (one launch) or "atomic" (FlashAttention-2's: bwd_dkdv and
+# bwd_dprefix add dq with fp32 atomics, no bwd_dq; deterministic=False calls only). The last two are opt-in until
+# a GPU has timed all three. Read at every backward, and by get_prefix_model when it wraps a model.
+TRITON_BWD_ENV = "PREFIX_KERNELS_TRITON_BWD"
+TRITON_BWD_MODES = ("split", "fused", "atomic")
+
+
+def triton_bwd_mode(deterministic: bool = True) -> str:
+    """The triton backward's mode from TRITON_BWD_ENV; ValueError for an unknown one, or for "atomic" (whose dq
+    adds are not bitwise repeatable) with a deterministic call."""
+    mode = os.environ.get(TRITON_BWD_ENV, "") or "split"
+    if mode not in TRITON_BWD_MODES:
+        raise ValueError(f"{TRITON_BWD_ENV}={mode!r}: expected one of {', '.join(TRITON_BWD_MODES)} "
+                         f"(or unset, = split)")
+    if mode == "atomic" and deterministic:
+        raise ValueError(f"{TRITON_BWD_ENV}=atomic adds dq with fp32 atomics, whose order varies from run to run: "
+                         f"it needs deterministic=False (or {TRITON_BWD_ENV}=split or fused for a deterministic "
+                         f"backward)")
+    return mode
 
 # The op's optional features (docs/op.md) and which backends implement them.
 FEATURES = {

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..backends import TRITON_BWD_ENV, triton_bwd_mode
 from ..library import op_names
 from . import configs, interpreting
 from .configs import DECODE_MERGE_TILE, DROPOUT_MASK_TILE, PREPROCESS_TILE, decode_tile, plain_tile
@@ -40,22 +41,8 @@ MAX_PREFIX_SPLITS = 32
 MIN_DECODE_SPLIT_BLOCKS = 4
 MAX_DECODE_SPLITS = 64
 DECODE_SPLITS_ENV = "PREFIX_KERNELS_DECODE_SPLITS"
-# Which kernels compute dq, dK and dV (docs/kernels.md "The fused backward", "The atomic backward"): "split"
-# (bwd_dq + bwd_dkdv, the default), "fused" (one launch) or "atomic" (FlashAttention-2's: bwd_dkdv and bwd_dprefix
-# add dq with fp32 atomics, no bwd_dq; deterministic=False calls only). The last two are opt-in until a GPU has
-# timed all three. Read at every backward.
-BWD_ENV = "PREFIX_KERNELS_TRITON_BWD"
-BWD_MODES = ("split", "fused", "atomic")
-
-
-def bwd_mode(deterministic: bool = True) -> str:
-    mode = os.environ.get(BWD_ENV, "") or "split"
-    if mode not in BWD_MODES:
-        raise ValueError(f"{BWD_ENV}={mode!r}: expected one of {', '.join(BWD_MODES)} (or unset, = split)")
-    if mode == "atomic" and deterministic:
-        raise ValueError(f"{BWD_ENV}=atomic adds dq with fp32 atomics, whose order varies from run to run: it "
-                         f"needs deterministic=False (or {BWD_ENV}=split or fused for a deterministic backward)")
-    return mode
+# The backward's mode (split / fused / atomic), read at every backward: ops/backends.py holds the setting.
+BWD_ENV = TRITON_BWD_ENV
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -302,7 +289,7 @@ def triton_bwd(
     # The sinks reach the backward through lse only (docs/op.md): the kernels below take no SINKS.
     (cu, _, n_seqs, window, softcap), flags = _feature_args(q, S, cu_seqlens, None, window, softcap)
     flags.pop("SINKS")
-    mode = bwd_mode(deterministic)  # before any launch: a bad or conflicting mode raises here
+    mode = triton_bwd_mode(deterministic)  # before any launch: a bad or conflicting mode raises here
     check_head_offsets({"q": q, "k": k, "v": v, "out": out, "grad_out": grad_out},
                        {"prefix_k": prefix_k, "prefix_v": prefix_v})
 
