@@ -13,7 +13,7 @@ import pytest
 
 from prefix_kernels.ops.triton.configs import (ATOMIC_DQ_TILE_CONFIGS, DECODE_MERGE_TILE, DECODE_TILES,
                                                DROPOUT_MASK_TILE, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS,
-                                               PREPROCESS_TILE, SM90_ONLY_TILES, TILE_CONFIGS)
+                                               PREPROCESS_TILE, SM90_ONLY_TILES, TILE_CONFIGS, TMA_MAX_D_PAD)
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -78,6 +78,17 @@ def expected_rows() -> Counter:
                     for features in ("no", "yes"):
                         rows[(kernel + " atomic-dq", "bf16", "yes", features, str(d_pad), str(bm), str(bn), str(w),
                               str(s), f"sm_{arch}")] += 1
+        # The TMA forward (sm_90 and newer, D_PAD up to TMA_MAX_D_PAD): its plain tiles (SM90_ONLY_TILES
+        # included), its dropout tiles and its feature tiles.
+        if arch >= 90:
+            for dropout, features, table in (("no", "no", TILE_CONFIGS), ("yes", "no", DROPOUT_TILE_CONFIGS),
+                                             ("yes", "yes", FEATURE_TILE_CONFIGS)):
+                for d_pad, tiles in table["fwd"].items():
+                    if d_pad > TMA_MAX_D_PAD:
+                        continue
+                    for bm, bn, w, s in tiles:
+                        rows[("fwd tma", "bf16", dropout, features, str(d_pad), str(bm), str(bn), str(w), str(s),
+                              f"sm_{arch}")] += 1
     return rows
 
 
@@ -190,3 +201,33 @@ def test_compile_check_plan_covers_every_tile_config():
     assert sum(job.kernel == "bwd_fused" for job in jobs) == 4 + 5 + 6 + 6
     # The atomic backward: bwd_dkdv's 6 tiles and bwd_dprefix's 3, features off and on, per arch.
     assert sum(job.atomic_dq for job in jobs) == 2 * 2 * (6 + 3)
+    # The TMA forward, sm_90 only, D 64 and 128: 5 plain tiles, 5 dropout tiles, 4 feature tiles.
+    assert [job.arch for job in jobs if job.tma] == [90] * (5 + 5 + 4)
+
+
+WS_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import hopper_ws_probe
+rows = hopper_ws_probe.probe()
+for name, tile, outcome in rows:
+    print(name, tile, outcome)
+"""
+
+
+@pytest.mark.slow
+def test_hopper_ws_probe_tells_specialized_from_ignored():
+    """tools/hopper_ws_probe.py (docs/kernels.md, warp specialization) reports one outcome per kernel and tile, and
+    its control case is specialized: a 64-row TMA matmul over 4 warps, which the Hopper pass of the Tritons this
+    project supports specializes, so the probe's `specialized` / `ignored` / `failed` are read from real compiles."""
+    if _ptxas() is None:
+        pytest.skip("ptxas not found (neither Triton's bundled one nor /usr/local/cuda/bin/ptxas)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", WS_PROBE, str(TOOLS)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=str(TOOLS.parent))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 9 and all(line.split(" ", 1)[0] in ("TMA", "attention,") for line in lines), lines
+    outcomes = {line.rsplit(") ", 1)[0] + ")": line.rsplit(") ", 1)[1] for line in lines}
+    assert outcomes["TMA matmul (control) (64, 64, 4)"] == "specialized", outcomes
+    assert set(outcomes.values()) <= {"specialized", "ignored", "failed (RuntimeError)"}, outcomes

@@ -527,15 +527,35 @@ def test_configs_without_a_window_in_use_wrap():
         assert torch.isfinite(pm(input_ids=ids, labels=ids).loss)
 
 
-@pytest.mark.parametrize("mode,words", [("atomic", "PREFIX_KERNELS_TRITON_BWD=atomic adds dq with fp32 atomics"),
-                                        ("fusedd", "PREFIX_KERNELS_TRITON_BWD='fusedd': expected one of")])
-def test_backward_mode_the_model_cannot_honour(monkeypatch, mode, words):
-    """The wrapped model's attention is deterministic, so the atomic backward (and an unknown mode) is refused
-    when the model is wrapped, not at its first backward; the model is untouched."""
-    monkeypatch.setenv("PREFIX_KERNELS_TRITON_BWD", mode)
+@pytest.mark.parametrize("variable,mode,words", [
+    ("PREFIX_KERNELS_TRITON_BWD", "atomic", "PREFIX_KERNELS_TRITON_BWD=atomic adds dq with fp32 atomics"),
+    ("PREFIX_KERNELS_TRITON_BWD", "fusedd", "PREFIX_KERNELS_TRITON_BWD='fusedd': expected one of"),
+    ("PREFIX_KERNELS_TRITON_FWD", "tmaa", "PREFIX_KERNELS_TRITON_FWD='tmaa': expected one of pointers, tma"),
+])
+def test_kernel_mode_the_model_cannot_honour(monkeypatch, variable, mode, words):
+    """The wrapped model's attention is deterministic, so the atomic backward (and an unknown mode of either
+    setting) is refused when the model is wrapped, not at its first forward or backward; the model is untouched."""
+    monkeypatch.setenv(variable, mode)
     model = llama()
     attn = model.config._attn_implementation
     with pytest.raises(ValueError) as e:
         pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3))
     assert "get_prefix_model cannot honour the environment" in str(e.value) and words in str(e.value)
     assert_untouched(model, attn)
+
+
+def test_tma_forward_refused_below_sm90(monkeypatch):
+    """PREFIX_KERNELS_TRITON_FWD=tma on a GPU without TMA is refused at wrap time. This machine has no GPU: the
+    capability get_prefix_model reads for the model's device is patched to an A100's."""
+    from prefix_kernels.methods import prefix_model
+
+    monkeypatch.setenv("PREFIX_KERNELS_TRITON_FWD", "tma")
+    monkeypatch.setattr(prefix_model, "cuda_arch", lambda device: 80)
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"PREFIX_KERNELS_TRITON_FWD=tma needs a GPU with TMA \(compute capability "
+                                         r"9.0 or newer\); this one is 8.0"):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3))
+    assert_untouched(model, attn)
+    monkeypatch.setattr(prefix_model, "cuda_arch", lambda device: 90)
+    assert pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3)) is not None

@@ -58,10 +58,8 @@ def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> lis
     def forced(kernel, grid, *args, **kwargs):
         for name, autotuned in AUTOTUNED.items():
             if kernel is autotuned and name in tiles:
-                block_m, block_n, warps, stages = tiles[name]
                 launched.append((name, tiles[name]))
-                kernel.fn[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                                num_stages=stages)
+                launch.launch_with_tile(kernel, grid, tiles[name], *args, **kwargs)
                 return
         original(kernel, grid, *args, **kwargs)
 

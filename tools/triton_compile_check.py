@@ -7,7 +7,9 @@ and for every tile config of `configs.FEATURE_TILE_CONFIGS` the attention kernel
 every optional feature on (FEATURES: window, softcap, sinks, packed sequences with a prefix per sequence; no key
 padding mask, which packed sequences exclude). `bwd_dkdv` and `bwd_dprefix` also compile the tiles of
 `configs.ATOMIC_DQ_TILE_CONFIGS` as the opt-in atomic backward launches them (`atomic-dq` rows: ATOMIC_DQ, and for
-`bwd_dprefix` its atomic prefix reduction), with FEATURES off and on. The tiles of `configs.SM90_ONLY_TILES`
+`bwd_dprefix` its atomic prefix reduction), with FEATURES off and on. For sm_90 the forward also compiles through
+tensor descriptors as the opt-in TMA forward launches it (`fwd tma` rows, D_PAD up to `configs.TMA_MAX_D_PAD`):
+its plain tiles, its dropout tiles with dropout, its feature tiles with FEATURES on but packed sequences off. The tiles of `configs.SM90_ONLY_TILES`
 compile for sm_90 only. The decode forward (`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one
 per BLOCK_M) with FEATURES off (a decode step, L = 1: causal, key padding mask, several prefixes, the keys split;
 with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one
@@ -70,11 +72,12 @@ class Job:
     arch: int
     features: bool = False  # WINDOW, SOFTCAP, SINKS (forward), PACKED on; HAS_KPM off (fwd_decode: see above)
     atomic_dq: bool = False  # bwd_dkdv / bwd_dprefix of the atomic backward (ATOMIC_DQ; bwd_dprefix: ATOMIC too)
+    tma: bool = False  # fwd with tensor descriptors (TMA, sm_90)
 
     @property
     def name(self) -> str:
         """The table's kernel cell."""
-        return self.kernel + (" atomic-dq" if self.atomic_dq else "")
+        return self.kernel + (" atomic-dq" if self.atomic_dq else "") + (" tma" if self.tma else "")
 
     @property
     def function(self) -> str:
@@ -104,7 +107,7 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
     from prefix_kernels.ops.triton.configs import (ATOMIC_DQ_TILE_CONFIGS, DECODE_MERGE_TILE, DECODE_TILES,
                                                    DROPOUT_MASK_TILE,
                                                    DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, PREPROCESS_TILE,
-                                                   TILE_CONFIGS, tiles_for_arch)
+                                                   TILE_CONFIGS, TMA_MAX_D_PAD, launch_tiles, tiles_for_arch)
 
     jobs = []
     for arch in archs:
@@ -129,6 +132,15 @@ def plan(archs=DEFAULT_ARCHS, quick: bool = False, fp32: bool = False) -> list[J
             for d_pad, tiles in sorted(buckets.items()):
                 for bm, bn, w, s in tiles[:1] if quick else tiles:
                     jobs.append(Job(kernel, "bf16", True, d_pad, bm, bn, w, s, arch, features=True))
+        if arch >= 90:
+            # The forward through tensor descriptors (launch.py's TMA mode, D_PAD up to TMA_MAX_D_PAD) on each of
+            # its tables: plain, dropout, and features (without packed sequences, which TMA does not take).
+            for dropout, features in ((False, False), (True, False), (True, True)):
+                for d_pad in (d for d in BUCKETS if d <= TMA_MAX_D_PAD):
+                    tiles = launch_tiles("fwd", d_pad, features, dropout, arch=arch)
+                    for bm, bn, w, s in tiles[:1] if quick else tiles:
+                        jobs.append(Job("fwd", "bf16", dropout, d_pad, bm, bn, w, s, arch, features=features,
+                                        tma=True))
         # The key-side kernels as the atomic backward launches them (dq's atomics on top), on their own tiles,
         # with the features off and on.
         for kernel, buckets in ATOMIC_DQ_TILE_CONFIGS.items():
@@ -187,9 +199,10 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
     common = dict(GROUP=GROUP, D=D, D_PAD=D, DROPOUT=job.dropout,
                   DOT_PRECISION="ieee" if job.dtype == "fp32" else "tf32", **tiles)
     on = job.features
-    flags = dict(WINDOW=on, SOFTCAP=on, PACKED=on)
+    packed = on and not job.tma
+    flags = dict(WINDOW=on, SOFTCAP=on, PACKED=packed)
     # Packed sequences: 5 along the one row (n_seqs); a window of 128 keys, a cap of 30 (Gemma 2's 50 is alike).
-    features = dict(n_seqs=5 if on else 1, window=128 if on else 0, softcap=30.0 if on else 0.0)
+    features = dict(n_seqs=5 if packed else 1, window=128 if on else 0, softcap=30.0 if on else 0.0)
     kpm = not on
 
     def strides(**layouts):
@@ -200,10 +213,19 @@ def _launch_args(job: Job) -> tuple[str, dict, dict]:
     if job.kernel == "fwd":
         args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
                     CU_SEQLENS=t(torch.int32), SINK_LOGITS=t(torch.float32), OUT=t(), LSE=t(torch.float32))
+        if job.tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            def desc(shape, strides, rows):
+                return TensorDescriptor(t(), list(shape), list(strides), [1, 1, rows, D])
+
+            args.update(Q=desc((B, HQ, L, D), q_s, job.block_m), OUT=desc((B, HQ, L, D), q_s, job.block_m),
+                        K=desc((B, HKV, S, D), kv_s, job.block_n), V=desc((B, HKV, S, D), kv_s, job.block_n),
+                        PK=desc((T, HKV, P, D), p_s, job.block_n), PV=desc((T, HKV, P, D), p_s, job.block_n))
         args.update(strides(q=("bhld", q_s), k=("bhsd", kv_s), v=("bhsd", kv_s), pk=("thpd", p_s),
                             pv=("thpd", p_s), o=("bhld", q_s), kpm_=("bs", kpm_s)))
         args.update(Hq=HQ, L=L, S=S, P=P, **features, **scalars, **buckets)
-        consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, SINKS=on, **flags, **common)
+        consts = dict(CAUSAL=True, HAS_KPM=kpm, MULTI_PREFIX=True, SINKS=on, TMA=job.tma, **flags, **common)
     elif job.kernel == "fwd_decode":
         args = dict(Q=t(), K=t(), V=t(), PK=t(), PV=t(), KPM=t(torch.uint8), PIDX=t(torch.int64),
                     SINK_LOGITS=t(torch.float32), OUT=t(), LSE=t(torch.float32), WS_O=t(torch.float32),
@@ -410,7 +432,7 @@ def table(rows: list[Row]) -> str:
 
 
 def _order(job: Job):
-    return (KERNEL_ORDER.index(job.kernel), job.atomic_dq, job.features, job.dtype != "bf16", not job.dropout,
+    return (KERNEL_ORDER.index(job.kernel), job.atomic_dq, job.tma, job.features, job.dtype != "bf16", not job.dropout,
             job.d_pad or 0, job.arch)
 
 
@@ -471,6 +493,8 @@ def main(argv=None) -> int:
             f"without dropout{', also in fp32 with ieee dots at D_PAD <= ' + str(FP32_MAX_D_PAD) if args.fp32 else ''}"
             f", its DROPOUT_TILE_CONFIGS with dropout); the tiles of SM90_ONLY_TILES on sm_90 only; "
             f"FEATURES = yes: window, softcap, sinks and packed sequences (with a prefix each), no padding mask; "
+            f"`fwd tma` (sm_90 only, D_PAD <= 128): the forward through tensor descriptors, FEATURES without packed "
+            f"sequences; "
             f"deterministic prefix reduction, except the `atomic-dq` rows (the atomic backward: ATOMIC_DQ, and "
             f"bwd_dprefix's ATOMIC); "
             f"B={B}, Hq={HQ}, Hkv={HKV}, L=S={L}, P={P}, contiguous tensors, D = D_PAD; fwd_decode: L = {DECODE_L} "

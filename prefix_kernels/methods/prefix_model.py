@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..ops import Backend, resolve_backend
-from ..ops.backends import triton_bwd_mode, unavailable_reason
+from ..ops.backends import cuda_arch, triton_bwd_mode, triton_fwd_mode, unavailable_reason
 from ..transformers.attention import ATTN_IMPLEMENTATION, LayerBinding
 from ..transformers import compat, families
 from ..transformers.families import ModelLayout, default_heads, detect, task_type_of
@@ -196,6 +196,7 @@ def check_model(model: nn.Module, config: PrefixTuningConfig,
     try:
         # The wrapped model's attention calls are deterministic: the atomic backward could never run for them.
         triton_bwd_mode(deterministic=True)
+        triton_fwd_mode(cuda_arch(model_device(model)))
     except ValueError as e:
         raise ValueError(f"get_prefix_model cannot honour the environment: {e}") from None
     return layout, heads

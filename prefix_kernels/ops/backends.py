@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -48,6 +49,46 @@ def triton_bwd_mode(deterministic: bool = True) -> str:
                          f"it needs deterministic=False (or {TRITON_BWD_ENV}=split or fused for a deterministic "
                          f"backward)")
     return mode
+
+
+# How the triton forward reads its tiles (docs/kernels.md "TMA"): "pointers" (the default: masked loads, any GPU) or
+# "tma" (tensor descriptors, sm_90 and newer: the copy engine moves whole tiles; calls it cannot take run on
+# pointers). Opt-in until a GPU has timed it against pointers. Read at every forward and by get_prefix_model.
+TRITON_FWD_ENV = "PREFIX_KERNELS_TRITON_FWD"
+TRITON_FWD_MODES = ("pointers", "tma")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def cuda_arch(device: torch.device) -> int | None:
+    """The compute capability (major * 10 + minor) of a CUDA device, None for any other device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def triton_fwd_mode(arch: int | None = None) -> str:
+    """The triton forward's mode from TRITON_FWD_ENV; ValueError for an unknown one, or for "tma" on a CUDA device
+    of compute capability `arch` (major * 10 + minor) below 90, which has no TMA. None: no CUDA device (the
+    interpreter, which emulates the descriptors)."""
+    mode = os.environ.get(TRITON_FWD_ENV, "") or "pointers"
+    if mode not in TRITON_FWD_MODES:
+        raise ValueError(f"{TRITON_FWD_ENV}={mode!r}: expected one of {', '.join(TRITON_FWD_MODES)} "
+                         f"(or unset, = pointers)")
+    if mode == "tma" and arch is not None and arch < 90:
+        raise ValueError(f"{TRITON_FWD_ENV}=tma needs a GPU with TMA (compute capability 9.0 or newer); this one "
+                         f"is {arch // 10}.{arch % 10} (unset it, or set it to pointers)")
+    if mode == "tma" and not _has_module("triton.tools.tensor_descriptor"):
+        raise ValueError(f"{TRITON_FWD_ENV}=tma needs Triton's host tensor descriptors "
+                         f"(triton.tools.tensor_descriptor), which this Triton does not have")
+    return mode
+
 
 # The op's optional features (docs/op.md) and which backends implement them.
 FEATURES = {

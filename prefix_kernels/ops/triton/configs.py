@@ -64,6 +64,10 @@ SM90_ONLY_TILES: dict[tuple[str, int], set[tuple[int, int, int, int]]] = {
     ("bwd_dq", 128): {(128, 32, 8, 2)},
     ("bwd_fused", 64): {(32, 64, 8, 2)},
 }
+# The forward moves its tiles with tensor descriptors (TMA, sm_90) up to this D_PAD: at D 256 its tiles sit at 248
+# to 255 registers through descriptors and some spill (the 4-warp tile under Triton 3.9, the 8-warp feature tile
+# under 3.6), so a D 256 launch keeps the pointer forward.
+TMA_MAX_D_PAD = 128
 # The forward with dropout: Philox keeps 4 more words per score live, so the Hopper-sized plain tiles above would
 # spill there; these lighter tiles do not.
 DROPOUT_TILE_CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
@@ -151,7 +155,20 @@ FEATURE_KEYS = {"fwd": ["WINDOW", "SOFTCAP", "SINKS", "PACKED"], "bwd_dq": ["WIN
                 "bwd_dprefix": ["SOFTCAP", "PACKED"]}
 # Further autotune keys: which parts of the fused backward run (the gradients autograd wants); whether the key-side
 # kernels add dq with atomics (the atomic backward's fifth tile product).
-EXTRA_KEYS = {"bwd_fused": ["DQ_ON", "DKDV_ON"], "bwd_dkdv": ["ATOMIC_DQ"], "bwd_dprefix": ["ATOMIC_DQ"]}
+EXTRA_KEYS = {"fwd": ["TMA"], "bwd_fused": ["DQ_ON", "DKDV_ON"], "bwd_dkdv": ["ATOMIC_DQ"],
+              "bwd_dprefix": ["ATOMIC_DQ"]}
+# The forward's tensor descriptors under TMA and the rows of the block each one moves: BLOCK_M queries or BLOCK_N
+# keys of one (batch or prefix, head) slice, by D_PAD.
+DESCRIPTOR_BLOCK_ROWS = {"Q": "BLOCK_M", "OUT": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "PK": "BLOCK_N",
+                         "PV": "BLOCK_N"}
+
+
+def set_descriptor_blocks(nargs: dict) -> None:
+    """The forward's config pre-hook (a launch's arguments and its config by name): under TMA, each descriptor's
+    block follows the config's tile, so one set of descriptors serves every config the autotuner tries."""
+    if nargs.get("TMA"):
+        for name, rows in DESCRIPTOR_BLOCK_ROWS.items():
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["D_PAD"]]
 
 
 def head_dim_bucket(d_pad: int) -> int:
@@ -201,6 +218,16 @@ def tile_table(kernel: str, features: bool = False, dropout: bool = False,
     return TILE_CONFIGS[kernel]
 
 
+def launch_tiles(kernel: str, bucket: int, features: bool = False, dropout: bool = False, atomic_dq: bool = False,
+                 arch: Optional[int] = None) -> list[tuple[int, int, int, int]]:
+    """The tiles a launch may take, in order: its table's (`tile_table`), less SM90_ONLY_TILES below sm_90 (plain
+    table; arch None: all)."""
+    tiles = tile_table(kernel, features, dropout, atomic_dq)[bucket]
+    if tiles is TILE_CONFIGS[kernel][bucket]:
+        tiles = tiles_for_arch(kernel, bucket, tiles, arch)
+    return tiles
+
+
 def _uses_features(kernel: str, args: dict) -> bool:
     return any(bool(args.get(flag, False)) for flag in FEATURE_KEYS[kernel])
 
@@ -213,9 +240,8 @@ def interpreter_shipped_tile(kernel, kwargs: dict) -> Optional[tuple[int, int, i
     name = getattr(getattr(kernel, "fn", None), "__name__", "").removeprefix("prefix_attention_")
     if name not in FEATURE_KEYS:
         return None
-    table = tile_table(name, _uses_features(name, kwargs), bool(kwargs.get("DROPOUT", False)),
-                       bool(kwargs.get("ATOMIC_DQ", False)))
-    return table[head_dim_bucket(kwargs["D_PAD"])][0]
+    return launch_tiles(name, head_dim_bucket(kwargs["D_PAD"]), _uses_features(name, kwargs),
+                        bool(kwargs.get("DROPOUT", False)), bool(kwargs.get("ATOMIC_DQ", False)))[0]
 
 
 def plain_tile(tile: tuple) -> tuple:
@@ -231,9 +257,10 @@ def decode_tile(d_pad: int, rows: int) -> tuple[int, int, int, int]:
     return plain_tile(next((tile for tile in tiles if tile[0] >= rows), tiles[-1]))
 
 
-def _config(tile: tuple[int, int, int, int]) -> triton.Config:
+def _config(tile: tuple[int, int, int, int], kernel: str = "") -> triton.Config:
     block_m, block_n, num_warps, num_stages = tile
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                         pre_hook=set_descriptor_blocks if kernel == "fwd" else None)
 
 
 def _tile(config: triton.Config) -> tuple[int, int, int, int]:
@@ -260,10 +287,7 @@ def configs_for(kernel: str, d_pad: int, features: bool = False, dropout: bool =
                 arch: Optional[int] = None, atomic_dq: bool = False) -> list[triton.Config]:
     if interpreting():
         return [_config(INTERPRETER_TILE)]
-    bucket = head_dim_bucket(d_pad)
-    tiles = tile_table(kernel, features, dropout, atomic_dq)[bucket]
-    if tiles is TILE_CONFIGS[kernel][bucket]:
-        tiles = tiles_for_arch(kernel, bucket, tiles, arch)
+    tiles = launch_tiles(kernel, head_dim_bucket(d_pad), features, dropout, atomic_dq, arch)
     return [_config(tiles[0])] if pinned() else [_config(t) for t in tiles]
 
 
@@ -271,12 +295,12 @@ def all_configs(kernel: str) -> list[triton.Config]:
     """Every config of a kernel for every head-dim bucket, plain, with dropout or with features; the autotuner
     keeps those of the call's D_PAD, dropout and features."""
     if interpreting():
-        return [_config(INTERPRETER_TILE)]
+        return [_config(INTERPRETER_TILE, kernel)]
     seen: dict[tuple, triton.Config] = {}
     for table in (TILE_CONFIGS, DROPOUT_TILE_CONFIGS, FEATURE_TILE_CONFIGS, ATOMIC_DQ_TILE_CONFIGS):
         for tiles in table.get(kernel, {}).values():
             for tile in tiles:
-                seen.setdefault(tile, _config(tile))
+                seen.setdefault(tile, _config(tile, kernel))
     return list(seen.values())
 
 

@@ -49,6 +49,21 @@ def _load_block(base, offs_rows, stride_row, offs_d, stride_d, row_mask, D: tl.c
 
 
 @triton.jit
+def _load_kv(base, row, head, start, offs_n, stride_row, offs_d, stride_d, row_mask, D: tl.constexpr,
+             D_PAD: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_N, D_PAD] key or value tile of rows start + offs_n. TMA: `base` is a [rows, heads, n, D] tensor
+    descriptor whose (row, head) slice holds them; the copy engine zero-fills rows past n and columns past D, so
+    no load mask is computed (the masks on the scores still apply). Otherwise `base` points at the slice's first
+    row and `_load_block` applies MASKED and `row_mask`."""
+    if TMA:
+        tile = base.load([tl.cast(row, tl.int32), head, start, 0]).reshape(BLOCK_N, D_PAD)
+    else:
+        tile = _load_block(base, (start + offs_n).to(tl.int64), stride_row, offs_d, stride_d, row_mask, D, D_PAD,
+                           MASKED)
+    return tile
+
+
+@triton.jit
 def _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, S, HAS_KPM: tl.constexpr, FULL: tl.constexpr):
     """Columns that are real keys (inside S and not padding). FULL: the block lies inside S."""
     valid = cols < S
@@ -179,27 +194,27 @@ def _packed_sequence(CU_SEQLENS, pid, n_seqs, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp, stride_pvd, P,
-                     scale_log2, softcap, seed, row_offset, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
+                     scale_log2, softcap, seed, row_offset, dropout_p, t, hkv, D: tl.constexpr, D_PAD: tl.constexpr,
                      SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """The prefix keys: every query sees them all, so the full blocks run unmasked and only the last partial
-    block masks its columns past P."""
+    block masks its columns past P. (t, hkv): the prefix slice under TMA (`_load_kv`)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     p_full = (P // BLOCK_N) * BLOCK_N
     for start_n in range(0, p_full, BLOCK_N):
-        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
-                        offs_n, D, D_PAD, False)
-        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
-                        offs_n, D, D_PAD, False)
+        k = _load_kv(pk_base, t, hkv, start_n, offs_n, stride_pkp, offs_d, stride_pkd, offs_n, D, D_PAD, False, TMA,
+                     BLOCK_N)
+        v = _load_kv(pv_base, t, hkv, start_n, offs_n, stride_pvp, offs_d, stride_pvd, offs_n, D, D_PAD, False, TMA,
+                     BLOCK_N)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, offs_n, scale_log2, softcap, seed, row_offset,
                                    start_n + offs_n, dropout_p, False, SOFTCAP, DROPOUT, DOT_PRECISION)
     for start_n in tl.range(p_full, P, BLOCK_N, num_stages=1):  # at most once: not pipelined
         col_valid = offs_n < P - start_n
-        k = _load_block(pk_base, (start_n + offs_n).to(tl.int64), stride_pkp, offs_d, stride_pkd,
-                        col_valid, D, D_PAD, True)
-        v = _load_block(pv_base, (start_n + offs_n).to(tl.int64), stride_pvp, offs_d, stride_pvd,
-                        col_valid, D, D_PAD, True)
+        k = _load_kv(pk_base, t, hkv, start_n, offs_n, stride_pkp, offs_d, stride_pkd, col_valid, D, D_PAD, True,
+                     TMA, BLOCK_N)
+        v = _load_kv(pv_base, t, hkv, start_n, offs_n, stride_pvp, offs_d, stride_pvd, col_valid, D, D_PAD, True,
+                     TMA, BLOCK_N)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, col_valid[None, :], scale_log2, softcap, seed,
                                    row_offset, start_n + offs_n, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
     return acc, m_i, l_i
@@ -207,30 +222,35 @@ def _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd,
 
 @triton.jit
 def _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM, stride_kpm_b, stride_kpm_s, b,
-                      cols, offs_d, seq_lo, offs_m, Ls, Ss, window, D: tl.constexpr, D_PAD: tl.constexpr,
-                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
-    """(k, v, visible) of the sequence key block `cols` in a masked loop of the forward or dq: the key padding,
-    causal and window rules decide what each query sees, and no key outside S and past seq_lo is loaded."""
+                      hkv, start_n, offs_n, offs_d, seq_lo, offs_m, Ls, Ss, window, D: tl.constexpr,
+                      D_PAD: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+                      TMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(k, v, visible) of the sequence key block at start_n in a masked loop of the forward or dq: the key
+    padding, causal and window rules decide what each query sees, and no key outside S and past seq_lo is loaded
+    (under TMA the copy engine reads the block's keys below seq_lo too: real keys, hidden by `visible`)."""
+    cols = start_n + offs_n
     visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, False)[None, :]
     visible = _in_view(visible, offs_m[:, None], cols[None, :], Ss - Ls, window, CAUSAL, WINDOW)
     kv_valid = cols < Ss
     if WINDOW:
         kv_valid = kv_valid & (cols >= seq_lo)
-    k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True)
-    v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True)
+    k = _load_kv(k_base, b, hkv, start_n, offs_n, stride_ks, offs_d, stride_kd, kv_valid, D, D_PAD, True, TMA,
+                 BLOCK_N)
+    v = _load_kv(v_base, b, hkv, start_n, offs_n, stride_vs, offs_d, stride_vd, kv_valid, D, D_PAD, True, TMA,
+                 BLOCK_N)
     return k, v, visible
 
 
 @triton.jit
 def _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                  KPM, stride_kpm_b, stride_kpm_s, b, lo, hi, seq_lo, offs_m, Ls, Ss, window,
+                  KPM, stride_kpm_b, stride_kpm_s, b, hkv, lo, hi, seq_lo, offs_m, Ls, Ss, window,
                   scale_log2, softcap, seed, row_offset, col_base, dropout_p, D: tl.constexpr, D_PAD: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                   SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """Sequence key blocks [lo, hi). MASKED: the causal/window rules and the bounds S and seq_lo apply (and no
     key outside them is loaded); otherwise the blocks are whole inside the view of every query, and only the
-    key padding (per column) applies."""
+    key padding (per column) applies. (b, hkv): the K/V slice under TMA (`_load_kv`)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     # The masked loop runs a few blocks (the diagonal, the tail, the window's band): it is not pipelined, which
@@ -239,16 +259,19 @@ def _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             cols = start_n + offs_n
             k, v, visible = _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM,
-                                              stride_kpm_b, stride_kpm_s, b, cols, offs_d, seq_lo, offs_m, Ls, Ss,
-                                              window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM)
+                                              stride_kpm_b, stride_kpm_s, b, hkv, start_n, offs_n, offs_d, seq_lo,
+                                              offs_m, Ls, Ss, window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM, TMA,
+                                              BLOCK_N)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
                                        col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             visible = _key_padding(KPM, stride_kpm_b, stride_kpm_s, b, cols, Ss, HAS_KPM, True)[None, :]
-            k = _load_block(k_base, cols.to(tl.int64), stride_ks, offs_d, stride_kd, offs_n, D, D_PAD, False)
-            v = _load_block(v_base, cols.to(tl.int64), stride_vs, offs_d, stride_vd, offs_n, D, D_PAD, False)
+            k = _load_kv(k_base, b, hkv, start_n, offs_n, stride_ks, offs_d, stride_kd, offs_n, D, D_PAD, False,
+                         TMA, BLOCK_N)
+            v = _load_kv(v_base, b, hkv, start_n, offs_n, stride_vs, offs_d, stride_vd, offs_n, D, D_PAD, False,
+                         TMA, BLOCK_N)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k, v, visible, scale_log2, softcap, seed, row_offset,
                                        col_base + cols, dropout_p, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION)
     return acc, m_i, l_i
@@ -269,8 +292,10 @@ def prefix_attention_fwd(
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MULTI_PREFIX: tl.constexpr, DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, PACKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # TMA (sm_90, not PACKED): Q, K, V, PK, PV and OUT are [B or T, heads, rows, D] tensor descriptors whose
+    # block shapes the launch sets from BLOCK_M / BLOCK_N (launch.py); their strides go unused.
     # Grid (B * Hq, query blocks): B * Hq on axis 0, which has no 65535 limit.
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -297,16 +322,23 @@ def prefix_attention_fwd(
 
     # Base pointers in int64 (rows * stride may pass 2**31); offsets inside a block stay int32.
     row0 = tl.cast(first + start_m, tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_ql
-    o_base = OUT + b * stride_ob + h * stride_oh + row0 * stride_ol
-    k_base = K + b * stride_kb + hkv * stride_kh + tl.cast(first, tl.int64) * stride_ks
-    v_base = V + b * stride_vb + hkv * stride_vh + tl.cast(first, tl.int64) * stride_vs
-    q = _load_block(q_base, offs_r, stride_ql, offs_d, stride_qd, row_valid, D, D_PAD, True)
+    if TMA:
+        q = Q.load([tl.cast(b, tl.int32), h, start_m, 0]).reshape(BLOCK_M, D_PAD)
+        k_base, v_base = K, V
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_ql
+        o_base = OUT + b * stride_ob + h * stride_oh + row0 * stride_ol
+        k_base = K + b * stride_kb + hkv * stride_kh + tl.cast(first, tl.int64) * stride_ks
+        v_base = V + b * stride_vb + hkv * stride_vh + tl.cast(first, tl.int64) * stride_vs
+        q = _load_block(q_base, offs_r, stride_ql, offs_d, stride_qd, row_valid, D, D_PAD, True)
     t = 0
     if MULTI_PREFIX:
         t = tl.load(PIDX + row_sel)
-    pk_base = PK + t * stride_pkt + hkv * stride_pkh
-    pv_base = PV + t * stride_pvt + hkv * stride_pvh
+    if TMA:
+        pk_base, pv_base = PK, PV
+    else:
+        pk_base = PK + t * stride_pkt + hkv * stride_pkh
+        pv_base = PV + t * stride_pvt + hkv * stride_pvh
     lse_row = pid_bh.to(tl.int64) * L + first  # B * Hq * L may pass 2**31
     row_offset = (lse_row + offs_m) * (P + S)
 
@@ -320,8 +352,8 @@ def prefix_attention_fwd(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     acc, m_i, l_i = _fwd_prefix_loop(acc, m_i, l_i, q, pk_base, pv_base, stride_pkp, stride_pkd, stride_pvp,
-                                     stride_pvd, P, scale_log2, softcap, seed, row_offset, dropout_p, D, D_PAD,
-                                     SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                     stride_pvd, P, scale_log2, softcap, seed, row_offset, dropout_p, t, hkv, D,
+                                     D_PAD, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, TMA)
 
     # Sequence keys: the window's lower band (masked), the blocks every query sees whole (unmasked), then the
     # causal diagonal and the tail past the last full block (masked).
@@ -331,18 +363,18 @@ def prefix_attention_fwd(
                                       CAUSAL, WINDOW)
     if WINDOW:
         acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs,
-                                      stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, seq_begin, u_lo, seq_lo,
+                                      stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, hkv, seq_begin, u_lo, seq_lo,
                                       offs_m, Ls, Ss, window, scale_log2, softcap, seed, row_offset, P + first,
                                       dropout_p, D, D_PAD, True, CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT,
-                                      DOT_PRECISION, BLOCK_N)
+                                      DOT_PRECISION, BLOCK_N, TMA)
     acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                                  KPM, stride_kpm_b, stride_kpm_s, b, u_lo, u_hi, seq_lo, offs_m, Ls, Ss, window,
+                                  KPM, stride_kpm_b, stride_kpm_s, b, hkv, u_lo, u_hi, seq_lo, offs_m, Ls, Ss, window,
                                   scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, False,
-                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
+                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N, TMA)
     acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                                  KPM, stride_kpm_b, stride_kpm_s, b, u_hi, seq_end, seq_lo, offs_m, Ls, Ss, window,
-                                  scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, True,
-                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N)
+                                  KPM, stride_kpm_b, stride_kpm_s, b, hkv, u_hi, seq_end, seq_lo, offs_m, Ls, Ss,
+                                  window, scale_log2, softcap, seed, row_offset, P + first, dropout_p, D, D_PAD, True,
+                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, DROPOUT, DOT_PRECISION, BLOCK_N, TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -351,11 +383,15 @@ def prefix_attention_fwd(
     # +inf for rows with no visible key makes exp(s - lse) exactly 0 in the backward (zero gradients).
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_i)) * LN2)
     tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
-    o_ptrs = o_base + offs_r[:, None] * stride_ol + offs_d[None, :] * stride_od
-    if D == D_PAD:
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    if TMA:
+        # The copy engine drops the rows past L and the columns past D.
+        OUT.store([tl.cast(b, tl.int32), h, start_m, 0], out.to(OUT.dtype).reshape(1, 1, BLOCK_M, D_PAD))
     else:
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
+        o_ptrs = o_base + offs_r[:, None] * stride_ol + offs_d[None, :] * stride_od
+        if D == D_PAD:
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+        else:
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -441,8 +477,9 @@ def _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, s
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             cols = start_n + offs_n
             k, v, visible = _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM,
-                                              stride_kpm_b, stride_kpm_s, b, cols, offs_d, seq_lo, offs_m, Ls, Ss,
-                                              window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM)
+                                              stride_kpm_b, stride_kpm_s, b, 0, start_n, offs_n, offs_d, seq_lo,
+                                              offs_m, Ls, Ss, window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM, False,
+                                              BLOCK_N)
             dq = _dq_block(dq, q, do, lse2, delta, k, v, visible, scale_log2, softcap, seed, row_offset,
                            col_base + cols, dropout_p, True, SOFTCAP, DROPOUT, DOT_PRECISION)
     else:

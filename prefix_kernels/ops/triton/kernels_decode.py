@@ -81,24 +81,26 @@ def prefix_attention_fwd_decode(
     p_hi = tl.minimum(tl.minimum(blk_hi, n_prefix) * BLOCK_N, P)
     acc, m_i, l_i = _fwd_prefix_loop(acc, m_i, l_i, q, pk_base + p_lo * stride_pkp, pv_base + p_lo * stride_pvp,
                                      stride_pkp, stride_pkd, stride_pvp, stride_pvd, tl.maximum(p_hi - p_lo, 0),
-                                     scale_log2, softcap, 0, 0, 0.0, D, D_PAD, SOFTCAP, False, DOT_PRECISION,
-                                     BLOCK_M, BLOCK_N)
+                                     scale_log2, softcap, 0, 0, 0.0, t, hkv, D, D_PAD, SOFTCAP, False,
+                                     DOT_PRECISION, BLOCK_M, BLOCK_N, False)
     # Its sequence keys [s_lo, s_hi), cut into the window's band, the whole blocks and the diagonal and tail.
     s_lo = seq_begin + tl.maximum(blk_lo - n_prefix, 0) * BLOCK_N
     s_hi = tl.minimum(seq_begin + tl.maximum(blk_hi - n_prefix, 0) * BLOCK_N, seq_end)
     if WINDOW:
         acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs,
-                                      stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, s_lo, tl.minimum(u_lo, s_hi),
-                                      seq_lo, pos, L, S, window, scale_log2, softcap, 0, 0, 0, 0.0, D, D_PAD, True,
-                                      CAUSAL, WINDOW, HAS_KPM, SOFTCAP, False, DOT_PRECISION, BLOCK_N)
+                                      stride_vd, KPM, stride_kpm_b, stride_kpm_s, b, hkv, s_lo,
+                                      tl.minimum(u_lo, s_hi), seq_lo, pos, L, S, window, scale_log2, softcap, 0, 0, 0,
+                                      0.0, D, D_PAD, True, CAUSAL, WINDOW, HAS_KPM, SOFTCAP, False, DOT_PRECISION,
+                                      BLOCK_N, False)
     acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                                  KPM, stride_kpm_b, stride_kpm_s, b, tl.maximum(u_lo, s_lo), tl.minimum(u_hi, s_hi),
-                                  seq_lo, pos, L, S, window, scale_log2, softcap, 0, 0, 0, 0.0, D, D_PAD, False,
-                                  CAUSAL, WINDOW, HAS_KPM, SOFTCAP, False, DOT_PRECISION, BLOCK_N)
+                                  KPM, stride_kpm_b, stride_kpm_s, b, hkv, tl.maximum(u_lo, s_lo),
+                                  tl.minimum(u_hi, s_hi), seq_lo, pos, L, S, window, scale_log2, softcap, 0, 0, 0,
+                                  0.0, D, D_PAD, False, CAUSAL, WINDOW, HAS_KPM, SOFTCAP, False, DOT_PRECISION,
+                                  BLOCK_N, False)
     acc, m_i, l_i = _fwd_seq_loop(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                                  KPM, stride_kpm_b, stride_kpm_s, b, tl.maximum(u_hi, s_lo), s_hi, seq_lo, pos, L,
-                                  S, window, scale_log2, softcap, 0, 0, 0, 0.0, D, D_PAD, True, CAUSAL, WINDOW,
-                                  HAS_KPM, SOFTCAP, False, DOT_PRECISION, BLOCK_N)
+                                  KPM, stride_kpm_b, stride_kpm_s, b, hkv, tl.maximum(u_hi, s_lo), s_hi, seq_lo, pos,
+                                  L, S, window, scale_log2, softcap, 0, 0, 0, 0.0, D, D_PAD, True, CAUSAL, WINDOW,
+                                  HAS_KPM, SOFTCAP, False, DOT_PRECISION, BLOCK_N, False)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

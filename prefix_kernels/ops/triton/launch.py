@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..backends import TRITON_BWD_ENV, triton_bwd_mode
+from ..backends import TRITON_BWD_ENV, cuda_arch, triton_bwd_mode, triton_fwd_mode
 from ..library import op_names
 from . import configs, interpreting
 from .configs import DECODE_MERGE_TILE, DROPOUT_MASK_TILE, PREPROCESS_TILE, decode_tile, plain_tile
@@ -119,14 +119,21 @@ def _common_constexprs(q: torch.Tensor, Hkv: int, causal: bool, dropout_p: float
                 DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype))
 
 
+def launch_with_tile(kernel, grid, tile: tuple[int, int, int, int], *args, **kwargs) -> None:
+    """Launch an autotuned kernel's underlying JIT function at `tile` (BLOCK_M, BLOCK_N, num_warps, num_stages),
+    doing what the autotuner does for a config: its pre-hook (the forward's descriptor blocks) first."""
+    block_m, block_n, num_warps, num_stages = tile
+    configs.set_descriptor_blocks({**dict(zip(kernel.fn.arg_names, args)), **kwargs, "BLOCK_M": block_m,
+                                   "BLOCK_N": block_n})
+    kernel.fn[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     # Under the interpreter with the shipped tiles on (configs.shipped_tiles), an autotuned kernel runs with
     # the first shipped tile of its table instead of the interpreter's small one.
     tile = configs.interpreter_shipped_tile(kernel, kwargs)
     if tile is not None:
-        block_m, block_n, num_warps, num_stages = tile
-        kernel.fn[grid](*args, **kwargs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-                        num_stages=num_stages)
+        launch_with_tile(kernel, grid, tile, *args, **kwargs)
         return
     kernel[grid](*args, **kwargs)
 
@@ -157,6 +164,30 @@ def _grid(n: int, block: int, rows: int, flags: dict, n_seqs: int) -> tuple[int,
     return (rows, n // block + n_seqs if flags["PACKED"] else triton.cdiv(n, block))
 
 
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA can read `t` as it is: a 16-byte aligned base, a contiguous last dim, 16-byte multiples as the
+    other strides (a [B, L, H, D] tensor in 16-bit types: D a multiple of 8)."""
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _tma_descriptors(q, k, v, prefix_k, prefix_v, out, d_pad: int) -> Optional[dict]:
+    """Q, K, V, PK, PV and OUT as the TMA forward takes them: [B or T, heads, rows, D] tensor descriptors (blocks set
+    per config by configs.set_descriptor_blocks), or None if a tensor breaks TMA's layout rules. A [Hkv, P, D]
+    prefix reads as T = 1; with P = 0 the prefix loops never run and K's descriptors stand in for the prefix's."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    prefixes = (prefix_k, prefix_v) if prefix_k.shape[-2] > 0 else (k, v)
+    tensors = dict(Q=q, K=k, V=v, PK=prefixes[0], PV=prefixes[1], OUT=out)
+    tensors = {name: t.unsqueeze(0) if t.dim() == 3 else t for name, t in tensors.items()}
+    if not all(_tma_ready(t) for t in tensors.values()):
+        return None
+    # The blocks here are placeholders of a valid shape: the config's pre-hook sets the real ones.
+    return {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, d_pad])
+            for name, t in tensors.items()}
+
+
 def triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], prefix_index: Optional[torch.Tensor],
@@ -166,6 +197,7 @@ def triton_fwd(
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
+    tma_mode = triton_fwd_mode(cuda_arch(q.device)) == "tma"  # before any launch: a bad mode raises here
     out = torch.empty_like(q)
     decode = takes_decode_path(L, Hq // Hkv, dropout_p, cu_seqlens)
     # The decode kernel's sequence-side head offsets are int64 (a long KV cache): only its prefixes are checked.
@@ -184,13 +216,19 @@ def triton_fwd(
     def grid(meta):
         return _grid(L, meta["BLOCK_M"], B * Hq, flags, n_seqs)
 
+    # TMA takes every call but packed sequences (their sequences end inside a row, where the copy engine's bounds
+    # are not), head dims past configs.TMA_MAX_D_PAD and tensors it cannot address; those run on pointers.
+    descriptors = None
+    if tma_mode and not flags["PACKED"] and consts["D_PAD"] <= configs.TMA_MAX_D_PAD:
+        descriptors = _tma_descriptors(q, k, v, prefix_k, prefix_v, out, consts["D_PAD"])
+    tiles = descriptors or dict(Q=q, K=k, V=v, PK=prefix_k, PV=prefix_v, OUT=out)
     _launch(
         prefix_attention_fwd, grid,
-        q, k, v, prefix_k, prefix_v, kpm, pidx, cu, sink_logits, out, lse,
+        tiles["Q"], tiles["K"], tiles["V"], tiles["PK"], tiles["PV"], kpm, pidx, cu, sink_logits, tiles["OUT"], lse,
         *_strides(q), *_strides(k), *_strides(v), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_strides(out), *kpm_strides,
         Hq, L, S, P, n_seqs, window, softcap, scale * LOG2E, dropout_p, seed, *_buckets(L, S, P),
-        HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, **flags, **consts,
+        HAS_KPM=has_kpm, MULTI_PREFIX=prefix_index is not None, TMA=descriptors is not None, **flags, **consts,
     )
     return out, lse
 
