@@ -27,6 +27,8 @@ of `sdpa-concat`, a `torch.compile`); `forward()` is what is timed.
   around every call of the method: forward and backward), timed fwd+bwd only (its forward is triton's).
 - `triton:atomic-bwd`: the same with the opt-in atomic backward (PREFIX_KERNELS_TRITON_BWD=atomic, FlashAttention-2's:
   dq added with fp32 atomics) and `deterministic=False`, which it needs (so its prefix reduction is atomic too).
+- `triton:tma-fwd`: ours with the opt-in TMA forward (PREFIX_KERNELS_TRITON_FWD=tma: tiles moved by tensor
+  descriptors, sm_90 and newer), timed fwd and fwd+bwd (its backward is triton's).
 - `flash-attn`: `flash_attn_func` on expand + cat K/V in its `[B, S, H, D]` layout (bottom-right causal,
   GQA native), when the `flash_attn` package is importable (CUDA fp16/bf16 only).
 """
@@ -49,11 +51,15 @@ BASELINES = ("sdpa-peft", "sdpa-expand", "sdpa-concat", "flex", "flash-attn")
 # `sdpa-concat` with one SDPA backend forced (torch.nn.attention.sdpa_kernel): the name says which one ran.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 SDPA_CONCAT_FORCED = tuple(f"sdpa-concat:{b}" for b in SDPA_BACKENDS)
-# The triton backend with an opt-in backward (docs/kernels.md "The fused backward", "The atomic backward"), for
-# the GPU to decide on them: name -> (PREFIX_KERNELS_TRITON_BWD, the calls' `deterministic`).
+# The triton backend with an opt-in mode (docs/kernels.md "The fused backward", "The atomic backward", "TMA"), for
+# the GPU to decide on them: name -> (the environment of its calls, their `deterministic`, whether its forward
+# differs from triton's, so that a forward-only time says something).
 TRITON_FUSED_BWD = "triton:fused-bwd"
 TRITON_ATOMIC_BWD = "triton:atomic-bwd"
-TRITON_BWD_VARIANTS = {TRITON_FUSED_BWD: ("fused", True), TRITON_ATOMIC_BWD: ("atomic", False)}
+TRITON_TMA_FWD = "triton:tma-fwd"
+TRITON_VARIANTS = {TRITON_FUSED_BWD: ({"PREFIX_KERNELS_TRITON_BWD": "fused"}, True, False),
+                   TRITON_ATOMIC_BWD: ({"PREFIX_KERNELS_TRITON_BWD": "atomic"}, False, False),
+                   TRITON_TMA_FWD: ({"PREFIX_KERNELS_TRITON_FWD": "tma"}, True, True)}
 
 
 @dataclass
@@ -121,12 +127,16 @@ def _compiled_flex():
 def unavailable_reason(name: str, device: str, dtype: torch.dtype, quick: bool = False,
                        mode: str = "fwd") -> str | None:
     """None if baseline `name` can run `mode` here, else why not (logged by the caller)."""
-    if name in TRITON_BWD_VARIANTS:
+    if name in TRITON_VARIANTS:
         from prefix_kernels import available_backends
 
         if not device.startswith("cuda") or "triton" not in available_backends(device):
             return "the triton backend is timed on CUDA only"
-        return None if mode != "fwd" else "its forward is triton's: timed with a backward only"
+        if name == TRITON_TMA_FWD and torch.cuda.get_device_capability(device)[0] < 9:
+            return "TMA needs compute capability 9.0 or newer"
+        if mode == "fwd" and not TRITON_VARIANTS[name][2]:
+            return "its forward is triton's: timed with a backward only"
+        return None
     if name in ("sdpa-expand", "sdpa-concat", "sdpa-peft"):
         return None
     if name in SDPA_CONCAT_FORCED:
@@ -163,12 +173,12 @@ def ours(backend: str, tensors, causal: bool) -> Method:
     import prefix_kernels
 
     q, k, v, pk, pv = tensors
-    if backend in TRITON_BWD_VARIANTS:
-        mode, deterministic = TRITON_BWD_VARIANTS[backend]
+    if backend in TRITON_VARIANTS:
+        env, deterministic, _ = TRITON_VARIANTS[backend]
         return Method(backend, tuple(tensors),
                       lambda: prefix_kernels.prefix_attention(q, k, v, pk, pv, causal=causal, backend="triton",
                                                               deterministic=deterministic),
-                      env={"PREFIX_KERNELS_TRITON_BWD": mode})
+                      env=env)
     if backend == "reference":
         # PEFT + eager attention: the plain expand + cat + softmax under autograd (the backend's op adds the
         # log-sum-exp its contract returns, which eager attention does not pay for).

@@ -10,8 +10,9 @@
 #     (pip install --no-deps --no-build-isolation -e .; on failure PREFIX_KERNELS_BUILD_EXT=0, logged),
 #  3. the `gpu` tests (collected once, at most 60 s) in three stages, each leaving 170 s for stages 4-5, none with -x (a failure in one never hides another), in parallel with
 #     pytest-xdist (-n 8, PYTEST_WORKERS) when it is importable, else serially; node ids from one --collect-only:
-#     pytest-triton (110): every gpu test of the triton backend (test_triton_backend.py, the triton params of
-#       test_backends.py / test_numerics.py / test_determinism.py, the bf16 smoke matrix test_gpu_smoke.py),
+#     pytest-triton (110): every gpu test of the triton backend (test_triton_backend.py, test_triton_tma.py on
+#       sm_90, the triton params of test_backends.py / test_numerics.py / test_determinism.py, the bf16 smoke
+#       matrix test_gpu_smoke.py),
 #     pytest-cuda (50): the CUDA fallback backend's (test_cuda_backend.py, the cuda params),
 #     pytest-rest (50): the other gpu tests (reference on CUDA tensors, models);
 #     the long LARGE sweep (test_backends.py::test_matches_reference_large_gpu) is left out: the smoke
@@ -19,8 +20,8 @@
 #  4. microbench-verdict (150): benchmarks/microbench.py --verdict (Llama-8B layer at L 2048, 4096, 8192 and at
 #     P 0, the NLU shape, a decode step (B 64, L 1, S 8192); bf16, fwd and fwd+bwd; every backend, PEFT's real
 #     path `sdpa-peft`, SDPA on concatenated K/V with each SDPA kernel, the triton backend with its opt-in
-#     fused and atomic backwards `triton:fused-bwd`, `triton:atomic-bwd` (fwd+bwd only); every row with its
-#     error against fp32, WRONG rows untimed),
+#     fused and atomic backwards `triton:fused-bwd`, `triton:atomic-bwd` (fwd+bwd only) and its opt-in TMA
+#     forward `triton:tma-fwd` (sm_90); every row with its error against fp32, WRONG rows untimed),
 #  5. verdict (20): benchmarks/verdict.py on that run's CSV -> verdict.txt (PASS / FAIL / NOT MEASURED, and INFO
 #     lines without a target),
 #  6. e2e (what is left, at most 90): the end-to-end GPU subset (benchmarks/e2e.py).

@@ -59,7 +59,7 @@ VERDICT_SHAPES = [
     Shape("Llama-8B-like layer P=0", 8, 32, 8, 2048, 2048, 0, 128, causal=True),
     Shape("decode", 64, 32, 8, 1, 8192, 64, 128, causal=True),
 ]
-VERDICT_BASELINES = ["sdpa-peft", "sdpa-concat", *baselines.SDPA_CONCAT_FORCED, *baselines.TRITON_BWD_VARIANTS]
+VERDICT_BASELINES = ["sdpa-peft", "sdpa-concat", *baselines.SDPA_CONCAT_FORCED, *baselines.TRITON_VARIANTS]
 GPU_SHAPES = [
     Shape("p-tuning-v2 NLU (BERT-large)", 32, 16, 16, 128, 128, 128, 64, causal=False),
     *VERDICT_SHAPES,

@@ -18,7 +18,8 @@ baseline without a time, is NOT MEASURED. Targets (bf16, ours = --backend):
       triton decode path) at least as fast as PEFT's real path.
 Then INFO lines, no target: (f) the triton backend with its opt-in fused backward (`triton:fused-bwd`) against
 `triton` (the split backward), fwd+bwd on the Llama-8B layer of (a); (g) the same for its opt-in atomic backward
-(`triton:atomic-bwd`, deterministic=False).
+(`triton:atomic-bwd`, deterministic=False); (h), (i) its opt-in TMA forward (`triton:tma-fwd`) against `triton`
+(pointers), forward on the Llama-8B layer at L 2048 and L 8192.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def verdicts(rows: list[dict], ours: str = "triton", dtype: str = "bfloat16") ->
                   "fwd+bwd", P=64, **llama),
         info_line(rows, "(g) Llama-8B layer fwd+bwd, atomic backward vs split", "triton:atomic-bwd", ours, dtype,
                   "fwd+bwd", P=64, **llama),
+        info_line(rows, "(h) Llama-8B layer forward, TMA vs pointers", "triton:tma-fwd", ours, dtype, "fwd", P=64,
+                  **llama),
+        info_line(rows, "(i) Llama-8B layer L 8192 forward, TMA vs pointers", "triton:tma-fwd", ours, dtype, "fwd",
+                  P=64, **dict(llama, B=2, L=8192, S=8192)),
     ]
 
 

@@ -15,6 +15,7 @@ import baselines  # noqa: E402
 import common  # noqa: E402
 
 import prefix_kernels  # noqa: E402
+from prefix_kernels.ops.backends import TRITON_FWD_ENV  # noqa: E402
 
 
 def _inputs(B=2, Hq=4, Hkv=2, L=9, S=13, P=5, D=16, dtype=torch.float64):
@@ -198,7 +199,7 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert verdict.main([path, "--out", out]) == 0
     lines = open(out).read().splitlines()
     assert lines[0].startswith(f"verdict of {path}: {len(rows)} rows")
-    a, b, c, d_fwd, d_both, e, f, g = lines[1:]
+    a, b, c, d_fwd, d_both, e, f, g, h, i = lines[1:]
     assert a.startswith("PASS (a)") and "1.40x" in a
     assert b.startswith("FAIL (b)") and "1.50x" in b
     assert c.startswith("NOT MEASURED (c)")
@@ -207,6 +208,7 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     assert e.startswith("NOT MEASURED (e)")
     assert f.startswith("INFO (f)") and "no timed triton:fused-bwd row" in f
     assert g.startswith("INFO (g)") and "no timed triton:atomic-bwd row" in g
+    assert h.startswith("INFO (h)") and i.startswith("INFO (i)") and "no timed triton:tma-fwd row" in h + i
     assert capsys.readouterr().out.splitlines()[1:] == lines[1:]
 
     peak = [_verdict_row("triton", "fwd", 5.0, P=64, pct_peak=p, tflops=400, **dict(llama, L=L, S=L, B=B))
@@ -227,6 +229,11 @@ def test_verdict_pass_fail_not_measured(tmp_path, capsys):
     atomic = _verdict_row("triton:atomic-bwd", "fwd+bwd", 12.5, P=64, **llama)
     (g,) = [line for line in verdict.verdicts(rows + [atomic]) if "(g)" in line]  # 10 / 12.5
     assert g.startswith("INFO (g)") and "0.80x" in g and "triton:atomic-bwd 12.500 ms" in g
+    long = dict(llama, B=2, L=8192, S=8192)
+    tma = [_verdict_row("triton", "fwd", 4.0, P=64, **llama), _verdict_row("triton:tma-fwd", "fwd", 3.2, P=64, **llama),
+           _verdict_row("triton", "fwd", 9.0, P=64, **long), _verdict_row("triton:tma-fwd", "fwd", 10.0, P=64, **long)]
+    h, i = [line for line in verdict.verdicts(tma) if line.startswith(("INFO (h)", "INFO (i)"))]
+    assert "1.25x" in h and "triton:tma-fwd 3.200 ms" in h and "0.90x" in i and "triton:tma-fwd 10.000 ms" in i
     (a,) = [line for line in verdict.verdicts(rows[:1]) if "(a)" in line]  # no PEFT row
     assert a.startswith("NOT MEASURED (a)")
 
@@ -250,23 +257,30 @@ def test_verdict_reads_measure_rows_at_p0(tmp_path):
 
 
 @pytest.mark.parametrize("name,kernel,absent", [("triton:fused-bwd", "prefix_attention_bwd_fused", "bwd_dq"),
-                                                ("triton:atomic-bwd", "prefix_attention_bwd_dkdv", "bwd_dq")])
-def test_triton_bwd_variant_methods_run_their_backward(monkeypatch, name, kernel, absent):
-    """`triton:fused-bwd` / `triton:atomic-bwd` time the triton op with PREFIX_KERNELS_TRITON_BWD=fused / atomic
-    (atomic: deterministic=False) around its forward and its backward (which reads the variable when it runs),
-    restore the environment after, and are skipped off CUDA."""
+                                                ("triton:atomic-bwd", "prefix_attention_bwd_dkdv", "bwd_dq"),
+                                                ("triton:tma-fwd", "prefix_attention_fwd TMA", "fwd pointers")])
+def test_triton_variant_methods_run_their_kernels(monkeypatch, name, kernel, absent):
+    """`triton:fused-bwd` / `triton:atomic-bwd` / `triton:tma-fwd` time the triton op with
+    PREFIX_KERNELS_TRITON_BWD=fused / atomic (atomic: deterministic=False) / PREFIX_KERNELS_TRITON_FWD=tma around its
+    forward and its backward (which reads the variable when it runs), restore the environment after, and are
+    skipped off CUDA."""
     import microbench
 
     if "triton" not in prefix_kernels.available_backends("cpu"):
         pytest.skip("the triton backend (its interpreter) is unavailable")
-    from prefix_kernels.ops.triton import launch
+    from prefix_kernels.ops.triton import configs, launch
 
+    monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)  # these few rows would take the decode kernel
     monkeypatch.delenv(launch.BWD_ENV, raising=False)
+    monkeypatch.delenv(TRITON_FWD_ENV, raising=False)
     names = []
     original = launch._launch
 
     def recording(kernel, grid, *args, **kwargs):
-        names.append(getattr(getattr(kernel, "fn", kernel), "__name__", ""))
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "")
+        if name == "prefix_attention_fwd":
+            names.append(f"{name} {'TMA' if kwargs['TMA'] else 'pointers'}")
+        names.append(name)
         original(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(launch, "_launch", recording)
@@ -275,7 +289,7 @@ def test_triton_bwd_variant_methods_run_their_backward(monkeypatch, name, kernel
     _, call = microbench._calls(method, torch.randn(2, 4, 9, 16), "fwd+bwd")
     call()
     assert kernel in names and f"prefix_attention_{absent}" not in names, names
-    assert launch.BWD_ENV not in os.environ
+    assert launch.BWD_ENV not in os.environ and TRITON_FWD_ENV not in os.environ
     assert all(t.grad is not None for t in tensors)
     assert baselines.unavailable_reason(name, "cpu", torch.bfloat16) is not None
     assert name in microbench.VERDICT_BASELINES
