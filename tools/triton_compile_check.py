@@ -8,17 +8,18 @@ every optional feature on (FEATURES: window, softcap, sinks, packed sequences wi
 padding mask, which packed sequences exclude). `bwd_dkdv` and `bwd_dprefix` also compile the tiles of
 `configs.ATOMIC_DQ_TILE_CONFIGS` as the opt-in atomic backward launches them (`atomic-dq` rows: ATOMIC_DQ, and for
 `bwd_dprefix` its atomic prefix reduction), with FEATURES off and on. For sm_90 the forward also compiles through
-tensor descriptors as the opt-in TMA forward launches it (`fwd tma` rows, D_PAD up to `configs.TMA_MAX_D_PAD`):
-its plain tiles, its dropout tiles with dropout, its feature tiles with FEATURES on but packed sequences off.
-The tiles of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward (`kernels_decode.py`) compiles every tile of `configs.DECODE_TILES` (one
-per BLOCK_M) with FEATURES off (a decode step, L = 1: causal, key padding mask, several prefixes, the keys split;
-with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128) and on (L = 5: also window, softcap and sinks, one
-split, so out and lse are stored directly), and its merge kernel at `configs.DECODE_MERGE_TILE`. The argument types
-and the integer specializations (divisibility by 16, strides equal to 1 as constants, none for the arguments a
-kernel lists in `do_not_specialize`, such as the dropout seed) are those of a launch from `launch.py` on contiguous
-tensors. Shared memory comes from the compiled kernel's metadata (`shared`, dynamic) plus the static shared memory
-ptxas reports; registers and spills come from `ptxas -v` (Triton's own log of its ptxas run, or a second ptxas run
-on the PTX when the kernel came from Triton's cache), read by tools/ptxas.py.
+tensor descriptors as the opt-in TMA forward launches it (`fwd tma` rows, D_PAD up to `configs.TMA_MAX_D_PAD`): its
+plain tiles, its dropout tiles with dropout, its feature tiles with FEATURES on but packed sequences off. The tiles
+of `configs.SM90_ONLY_TILES` compile for sm_90 only. The decode forward (`kernels_decode.py`) compiles every tile of
+`configs.DECODE_TILES` (one per BLOCK_M) with FEATURES off (a decode step, L = 1: causal, key padding mask, several
+prefixes, the keys split; with --fp32 also in fp32 with "ieee" dots for D_PAD <= 128) and on (L = 5: also window,
+softcap and sinks, one split, so out and lse are stored directly), and its merge kernel at
+`configs.DECODE_MERGE_TILE`. The argument types and the integer specializations (divisibility by 16, strides equal
+to 1 as constants, none for the arguments a kernel lists in `do_not_specialize`, such as the dropout seed) are those
+of a launch from `launch.py` on contiguous tensors. Shared memory comes from the compiled kernel's metadata
+(`shared`, dynamic) plus the static shared memory ptxas reports; registers and spills come from `ptxas -v` (Triton's
+own log of its ptxas run, or a second ptxas run on the PTX when the kernel came from Triton's cache), read by
+tools/ptxas.py.
 
     python tools/triton_compile_check.py [--arch 80 90] [--out FILE.md] [--quick] [--fp32] [--jobs N]
 
