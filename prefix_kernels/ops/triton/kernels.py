@@ -476,6 +476,7 @@ def _dq_seq_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, s
     if MASKED:
         for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1):
             cols = start_n + offs_n
+            # dq reads through pointers (TMA is the forward's), so the KV head argument goes unused: 0.
             k, v, visible = _masked_seq_block(k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, KPM,
                                               stride_kpm_b, stride_kpm_s, b, 0, start_n, offs_n, offs_d, seq_lo,
                                               offs_m, Ls, Ss, window, D, D_PAD, CAUSAL, WINDOW, HAS_KPM, False,
