@@ -559,3 +559,18 @@ def test_tma_forward_refused_below_sm90(monkeypatch):
     assert_untouched(model, attn)
     monkeypatch.setattr(prefix_model, "cuda_arch", lambda device: 90)
     assert pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3)) is not None
+
+
+@pytest.mark.parametrize("variable,mode", [("PREFIX_KERNELS_TRITON_FWD", "tma"),
+                                           ("PREFIX_KERNELS_TRITON_BWD", "fused")])
+def test_triton_kernel_mode_with_another_backend_is_refused(monkeypatch, variable, mode):
+    """A triton kernel mode in the environment with another backend named in the config would never be read: refused
+    at wrap time, naming both; without a named backend (it follows the device at each call) the model wraps."""
+    monkeypatch.setenv(variable, mode)
+    model = llama()
+    attn = model.config._attn_implementation
+    with pytest.raises(ValueError, match=rf"cannot honour the environment: {variable}={mode} selects kernels of the "
+                                         r"triton backend, but the config names backend 'reference'"):
+        pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3, backend="reference"))
+    assert_untouched(model, attn)
+    assert pk.get_prefix_model(model, pk.PrefixTuningConfig(num_virtual_tokens=3)) is not None

@@ -157,6 +157,56 @@ def test_tma_mode_needs_sm90(monkeypatch):
     assert triton_fwd_mode(90) == triton_fwd_mode(100) == triton_fwd_mode(None) == "tma"
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="runs the model on CPU tensors in Triton's interpreter; on a GPU "
+                                            "test_every_shipped_forward_tile_under_tma runs TMA")
+def test_tma_forward_in_a_wrapped_model_through_trainer_and_generate(monkeypatch, tmp_path):
+    """As users run it: a tiny Mistral on Mistral-7B-v0.1's sliding_window (4096), wrapped by get_prefix_model on
+    the triton backend, trained by transformers.Trainer with evaluation, checkpoints and a resume from one, then
+    generate. Under PREFIX_KERNELS_TRITON_FWD=tma every forward launch runs TMA, and the eval losses, the trained
+    prefix, the resumed run and the generated tokens are those of the pointer forward, exactly."""
+    from tiny_models import mistral, randomize_prefix, tokens
+    from transformers import Trainer, TrainingArguments
+
+    import prefix_kernels as pk
+
+    monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)  # the decode steps too go through prefix_attention_fwd
+    data = [dict(input_ids=tokens(1, 7, seed=i)[0], labels=tokens(1, 7, seed=i)[0]) for i in range(6)]
+
+    def build(seed):
+        model = pk.get_prefix_model(mistral(sliding_window=4096), pk.PrefixTuningConfig(num_virtual_tokens=4,
+                                                                                         backend="triton"))
+        return randomize_prefix(model, seed=seed, scale=0.5)
+
+    def train(model, out, resume=None):
+        args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                                 eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                                 report_to=[], use_cpu=True, logging_strategy="no", dataloader_num_workers=0,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:2])
+        trainer.train(resume_from_checkpoint=resume)
+        return [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row]
+
+    runs = {}
+    for mode in ("pointers", "tma"):
+        monkeypatch.setenv(TRITON_FWD_ENV, mode)
+        flags = spy_forwards(monkeypatch)
+        model = build(1)
+        losses = train(model, tmp_path / mode)
+        resumed = build(5)  # another initial prefix: only the checkpoint can make it equal the straight run
+        train(resumed, tmp_path / f"{mode}-resumed", resume=str(tmp_path / mode / "checkpoint-2"))
+        prefix = {n: p.detach().clone() for n, p in model.prefix_encoder.named_parameters()}
+        for n, p in resumed.prefix_encoder.named_parameters():
+            torch.testing.assert_close(p, prefix[n], rtol=0, atol=1e-6, msg=n)
+        generated = model.generate(input_ids=tokens(2, 5, seed=9), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                                   max_new_tokens=4, do_sample=False)
+        assert flags and all(flag == (mode == "tma") for flag in flags), (mode, len(flags), set(flags))
+        runs[mode] = losses, prefix, generated
+    (losses, prefix, generated), (tma_losses, tma_prefix, tma_generated) = runs["pointers"], runs["tma"]
+    assert len(losses) == 2 and tma_losses == losses
+    assert all(torch.equal(tma_prefix[n], prefix[n]) for n in prefix)
+    assert torch.equal(tma_generated, generated)
+
+
 HEAD_DIM_OF_BUCKET = {64: 64, 128: 96, 256: 200}
 FWD_TABLES = {"plain": configs.TILE_CONFIGS, "dropout": configs.DROPOUT_TILE_CONFIGS,
               "features": configs.FEATURE_TILE_CONFIGS} if "triton" in available_backends(DEVICE) else {}

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..ops import Backend, resolve_backend
-from ..ops.backends import cuda_arch, triton_bwd_mode, triton_fwd_mode, unavailable_reason
+from ..ops.backends import (TRITON_BWD_ENV, TRITON_FWD_ENV, cuda_arch, triton_bwd_mode, triton_fwd_mode,
+                            unavailable_reason)
 from ..transformers.attention import ATTN_IMPLEMENTATION, LayerBinding
 from ..transformers import compat, families
 from ..transformers.families import ModelLayout, default_heads, detect, task_type_of
@@ -195,10 +196,17 @@ def check_model(model: nn.Module, config: PrefixTuningConfig,
             raise ValueError(f"backend {config.backend!r} cannot run this model: {reason}")
     try:
         # The wrapped model's attention calls are deterministic: the atomic backward could never run for them.
-        triton_bwd_mode(deterministic=True)
-        triton_fwd_mode(cuda_arch(model_device(model)))
+        bwd = triton_bwd_mode(deterministic=True)
+        fwd = triton_fwd_mode(cuda_arch(model_device(model)))
     except ValueError as e:
         raise ValueError(f"get_prefix_model cannot honour the environment: {e}") from None
+    # The kernel modes are the triton backend's: another backend named in the config would never read them. (Without
+    # one, the backend follows the device at each call, and a model wrapped on CPU may still move to a GPU.)
+    changed = [f"{name}={mode}" for name, mode, default in ((TRITON_BWD_ENV, bwd, "split"),
+                                                             (TRITON_FWD_ENV, fwd, "pointers")) if mode != default]
+    if config.backend not in (None, "triton") and changed:
+        raise ValueError(f"get_prefix_model cannot honour the environment: {', '.join(changed)} selects kernels of "
+                         f"the triton backend, but the config names backend {config.backend!r}")
     return layout, heads
 
 
