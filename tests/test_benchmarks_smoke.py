@@ -15,7 +15,7 @@ import baselines  # noqa: E402
 import common  # noqa: E402
 
 import prefix_kernels  # noqa: E402
-from prefix_kernels.ops.backends import TRITON_FWD_ENV  # noqa: E402
+from prefix_kernels.ops.backends import TRITON_BWD_ENV, TRITON_FWD_ENV  # noqa: E402
 
 
 def _inputs(B=2, Hq=4, Hkv=2, L=9, S=13, P=5, D=16, dtype=torch.float64):
@@ -271,7 +271,7 @@ def test_triton_variant_methods_run_their_kernels(monkeypatch, name, kernel, abs
     from prefix_kernels.ops.triton import configs, launch
 
     monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)  # these few rows would take the decode kernel
-    monkeypatch.delenv(launch.BWD_ENV, raising=False)
+    monkeypatch.delenv(TRITON_BWD_ENV, raising=False)
     monkeypatch.delenv(TRITON_FWD_ENV, raising=False)
     names = []
     original = launch._launch
@@ -289,7 +289,7 @@ def test_triton_variant_methods_run_their_kernels(monkeypatch, name, kernel, abs
     _, call = microbench._calls(method, torch.randn(2, 4, 9, 16), "fwd+bwd")
     call()
     assert kernel in names and f"prefix_attention_{absent}" not in names, names
-    assert launch.BWD_ENV not in os.environ and TRITON_FWD_ENV not in os.environ
+    assert TRITON_BWD_ENV not in os.environ and TRITON_FWD_ENV not in os.environ
     assert all(t.grad is not None for t in tensors)
     assert baselines.unavailable_reason(name, "cpu", torch.bfloat16) is not None
     assert name in microbench.VERDICT_BASELINES

@@ -14,6 +14,7 @@ import pytest
 import torch
 from attention_cases import BASE, Case, assert_matches_reference, make_inputs, packed_case, run_with_grads
 
+from prefix_kernels.ops.backends import TRITON_BWD_ENV
 from prefix_kernels.ops import available_backends, prefix_attention, reference_prefix_attention
 from prefix_kernels.ops.triton import interpreting
 
@@ -52,7 +53,7 @@ def force_tiles(monkeypatch, tiles: dict[str, tuple[int, int, int, int]]) -> lis
     of forced launches, (kernel, tile)."""
     launched = []
     if "bwd_fused" in tiles:
-        monkeypatch.setenv(launch.BWD_ENV, "fused")
+        monkeypatch.setenv(TRITON_BWD_ENV, "fused")
     original = launch._launch
 
     def forced(kernel, grid, *args, **kwargs):
@@ -84,7 +85,7 @@ BWD_MODES = ["deterministic", "atomic-prefix", "atomic"]
 
 def set_mode(monkeypatch, mode: str) -> bool:
     """Select `mode` (BWD_MODES); returns the call's `deterministic`."""
-    monkeypatch.setenv(launch.BWD_ENV, "atomic" if mode == "atomic" else "split")
+    monkeypatch.setenv(TRITON_BWD_ENV, "atomic" if mode == "atomic" else "split")
     return mode == "deterministic"
 
 

@@ -8,21 +8,19 @@ import pytest
 import torch
 
 from attention_cases import Case, assert_matches_reference, make_inputs, packed_case
+from prefix_kernels.ops.backends import TRITON_BWD_ENV
 from prefix_kernels.ops import available_backends, prefix_attention
 from test_triton_bwd_fused import CASES, DEVICE, seq_kernels, spy_launches
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE),
                                 reason=f"the triton backend is unavailable on {DEVICE}")
 
-if "triton" in available_backends(DEVICE):
-    from prefix_kernels.ops.triton import launch
-
 ATOMIC_KERNELS = ["prefix_attention_bwd_dkdv"]
 
 
 @pytest.fixture
 def atomic(monkeypatch) -> list[str]:
-    monkeypatch.setenv(launch.BWD_ENV, "atomic")
+    monkeypatch.setenv(TRITON_BWD_ENV, "atomic")
     return spy_launches(monkeypatch)
 
 
@@ -73,9 +71,9 @@ def test_atomic_backward_computes_the_wanted_gradients(monkeypatch, wanted):
     """A dq alone still needs bwd_dkdv and bwd_dprefix (they hold the atomic backward's dq); without dq the
     kernels add none, and the gradients are those of the split kernels."""
     case = Case(Hq=4, Hkv=2, L=20, S=23, P=7, padding=True)
-    monkeypatch.setenv(launch.BWD_ENV, "split")
+    monkeypatch.setenv(TRITON_BWD_ENV, "split")
     split = _grads(case, wanted, deterministic=True)
-    monkeypatch.setenv(launch.BWD_ENV, "atomic")
+    monkeypatch.setenv(TRITON_BWD_ENV, "atomic")
     names = spy_launches(monkeypatch)
     got = _grads(case, wanted, deterministic=False)
     for name in wanted:
@@ -87,7 +85,7 @@ def test_atomic_backward_computes_the_wanted_gradients(monkeypatch, wanted):
 def test_atomic_mode_refuses_a_deterministic_call(monkeypatch):
     """deterministic=True promises a bitwise repeatable backward, which dq's atomics cannot keep: the backward
     raises before any kernel runs, naming the variable and the argument."""
-    monkeypatch.setenv(launch.BWD_ENV, "atomic")
+    monkeypatch.setenv(TRITON_BWD_ENV, "atomic")
     names = spy_launches(monkeypatch)
     data = make_inputs(Case(L=5, S=5, P=2), torch.float32, DEVICE)
     leaves = {n: t.detach().requires_grad_() for n, t in data["tensors"].items()}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attention_cases import BASE, Case, assert_matches_reference, make_inputs, op_call, packed_case
+from prefix_kernels.ops.backends import TRITON_BWD_ENV
 from prefix_kernels.ops import available_backends, prefix_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +58,7 @@ def spy_launches(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def fused(monkeypatch) -> list[str]:
-    monkeypatch.setenv(launch.BWD_ENV, "fused")
+    monkeypatch.setenv(TRITON_BWD_ENV, "fused")
     return spy_launches(monkeypatch)
 
 
@@ -82,9 +83,9 @@ def test_fused_backward_with_dropout(fused):
 @pytest.mark.parametrize("mode", [None, "split", ""])
 def test_default_and_split_run_the_split_kernels(monkeypatch, mode):
     if mode is None:
-        monkeypatch.delenv(launch.BWD_ENV, raising=False)
+        monkeypatch.delenv(TRITON_BWD_ENV, raising=False)
     else:
-        monkeypatch.setenv(launch.BWD_ENV, mode)
+        monkeypatch.setenv(TRITON_BWD_ENV, mode)
     names = spy_launches(monkeypatch)
     assert_matches_reference(Case(Hq=4, Hkv=2, L=20, S=11, P=3), torch.float32, DEVICE, "triton")
     assert seq_kernels(names) == ["prefix_attention_bwd_dq", "prefix_attention_bwd_dkdv"], names
@@ -103,7 +104,7 @@ def _grads(case: Case, dtype: torch.dtype, wanted: tuple[str, ...], dropout_p: f
 @pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_backward_is_bitwise_repeatable_in_both_modes(monkeypatch, mode, dropout_p):
-    monkeypatch.setenv(launch.BWD_ENV, mode)
+    monkeypatch.setenv(TRITON_BWD_ENV, mode)
     names = spy_launches(monkeypatch)
     case = Case(B=3, Hq=4, Hkv=1, L=21, S=26, P=9, T=2, padding=True)
     wanted = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -120,9 +121,9 @@ def test_fused_backward_computes_only_the_wanted_gradients(monkeypatch, wanted):
     """output_mask drops a part of the fused kernel (DQ_ON / DKDV_ON): the wanted gradients are those of the
     split kernels."""
     case = Case(Hq=4, Hkv=2, L=20, S=23, P=7, padding=True)
-    monkeypatch.setenv(launch.BWD_ENV, "split")
+    monkeypatch.setenv(TRITON_BWD_ENV, "split")
     split = _grads(case, torch.float32, wanted)
-    monkeypatch.setenv(launch.BWD_ENV, "fused")
+    monkeypatch.setenv(TRITON_BWD_ENV, "fused")
     names = spy_launches(monkeypatch)
     got = _grads(case, torch.float32, wanted)
     for name in wanted:
@@ -131,7 +132,7 @@ def test_fused_backward_computes_only_the_wanted_gradients(monkeypatch, wanted):
 
 
 def test_bad_mode_raises(monkeypatch):
-    monkeypatch.setenv(launch.BWD_ENV, "fusedd")
+    monkeypatch.setenv(TRITON_BWD_ENV, "fusedd")
     data = make_inputs(Case(L=5, S=5, P=2), torch.float32, DEVICE)
     leaves = {n: t.detach().requires_grad_() for n, t in data["tensors"].items()}
     out = prefix_attention(**leaves, **data["kwargs"], backend="triton")
@@ -163,7 +164,7 @@ def test_fused_backward_at_the_shipped_tiles(fused):
 
 def test_fused_grid_has_batch_times_kv_heads_on_axis_0(monkeypatch):
     """(B * Hkv, max(query blocks, key blocks)): axis 0 is the only one past 65535 programs."""
-    monkeypatch.setenv(launch.BWD_ENV, "fused")
+    monkeypatch.setenv(TRITON_BWD_ENV, "fused")
     grids = []
     original = launch._launch
 

@@ -58,6 +58,7 @@ TRITON_FWD_ENV = "PREFIX_KERNELS_TRITON_FWD"
 TRITON_FWD_MODES = ("pointers", "tma")
 
 
+@functools.lru_cache(maxsize=None)
 def _has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..backends import TRITON_BWD_ENV, cuda_arch, triton_bwd_mode, triton_fwd_mode
+from ..backends import cuda_arch, triton_bwd_mode, triton_fwd_mode
 from ..library import op_names
 from . import configs, interpreting
 from .configs import DECODE_MERGE_TILE, DROPOUT_MASK_TILE, PREPROCESS_TILE, decode_tile, plain_tile
@@ -41,8 +41,6 @@ MAX_PREFIX_SPLITS = 32
 MIN_DECODE_SPLIT_BLOCKS = 4
 MAX_DECODE_SPLITS = 64
 DECODE_SPLITS_ENV = "PREFIX_KERNELS_DECODE_SPLITS"
-# The backward's mode (split / fused / atomic), read at every backward: ops/backends.py holds the setting.
-BWD_ENV = TRITON_BWD_ENV
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
